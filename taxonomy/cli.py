@@ -1,0 +1,185 @@
+"""The `dssm` command-line program."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from taxonomy.errors import DssmError, SpecError
+
+log = logging.getLogger("dssm")
+
+
+def _print_error(error: DssmError) -> None:
+    print(error.format() if isinstance(error, SpecError) else f"error: {error}", file=sys.stderr)
+
+
+def _command_check(args: argparse.Namespace) -> int:
+    from taxonomy.hierarchy import check_spec
+
+    failed = False
+    for path in args.specs:
+        try:
+            placement = check_spec(path)
+        except SpecError as error:
+            failed = True
+            _print_error(error)
+            if args.json:
+                print(json.dumps({"model": None, "path": path, "outside": None,
+                                  "error": error.format()}, ensure_ascii=False))
+            continue
+
+        problems = placement.problems()
+        failed = failed or bool(problems)
+        for problem in problems:
+            _print_error(problem)
+        if args.json:
+            print(json.dumps(placement.as_dict(), ensure_ascii=False))
+        else:
+            print(_format_placement(placement))
+    return 1 if failed else 0
+
+
+def _format_placement(placement) -> str:
+    from taxonomy.hierarchy import EDGE_KINDS
+
+    data = placement.as_dict()
+    lines = [f"{data['path']}: model {data['model']}"]
+    if data["outside"]:
+        lines.append("  outside the hierarchy:")
+        lines += [f"    - {reason['message']}" for reason in data["outside"]]
+        return "\n".join(lines)
+
+    def order_text(order):
+        return "absent" if order is None else str(order)
+
+    lines.append(f"  group:   {data['group']}")
+    lines.append(f"  cell:    {data['cell']}" + ("" if data["paper_cell"]
+                                                  else "  (finite-order cell)"))
+    lines.append("  orders:  " + ", ".join(f"{edge} {order_text(order)}"
+                                          for edge, order in data["orders"].items()))
+    relaxed = ", ".join(f"{edge} {EDGE_KINDS[edge].marker}" for edge in data["relaxed"])
+    lines.append(f"  relaxed: {relaxed or 'none'}")
+    lines.append(f"  known as: {', '.join(data['known_as']) or 'new'}")
+    guide = data["guide"]
+    lines.append(f"  guide:   z[t] independent of x[1:t-1] given z[t-1]: "
+                 f"{'yes' if guide['z_independent_of_past_x'] else 'no'}"
+                 f" (partial alignment uses a {guide['partial_alignment_rnn']} RNN)")
+    lines.append(f"           exact posterior factor: p(z[t] | "
+                 f"{', '.join(guide['posterior_conditioning'])})")
+    return "\n".join(lines)
+
+
+def _command_draw(args: argparse.Namespace) -> int:
+    from taxonomy.render import draw_spec
+
+    draw_spec(args.spec, args.output, steps=args.steps)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _command_taxonomy(args: argparse.Namespace) -> int:
+    from taxonomy.render import draw_taxonomy
+
+    draw_taxonomy(args.output, specs=args.specs)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _command_explore_list(args: argparse.Namespace) -> int:
+    from taxonomy.explore import list_cells
+
+    rows = list_cells(group=args.group, max_order=args.max_order, specs_dir=args.specs)
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        return 0
+    width = max(len(row["cell"]) for row in rows)
+    print(f"{'cell'.ljust(width)}  {'known as':<12}  spec")
+    for row in rows:
+        known = ", ".join(row["known_as"]) or "new"
+        specs = ", ".join(row["specs"]) or "-"
+        print(f"{row['cell'].ljust(width)}  {known:<12}  {specs}")
+    return 0
+
+
+def _command_explore_new(args: argparse.Namespace) -> int:
+    from taxonomy.explore import write_cell_specs
+
+    written = write_cell_specs(args.cells, args.output, paper_cells=args.paper_cells,
+                               force=args.force)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dssm", description="Compile declarative deep state space model specs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="place specs in the DSSM hierarchy")
+    check.add_argument("specs", nargs="+", metavar="SPEC", help=".dssm files")
+    check.add_argument("--json", action="store_true", help="print one JSON object per spec")
+    check.set_defaults(run=_command_check)
+
+    draw = commands.add_parser("draw", help="draw a spec's graphical model")
+    draw.add_argument("spec", metavar="SPEC")
+    draw.add_argument("-o", "--output", required=True, metavar="FILE",
+                      help="output file: .svg, .png, .pdf or .dot")
+    draw.add_argument("--steps", type=int, default=3, help="time steps to unroll (default 3)")
+    draw.set_defaults(run=_command_draw)
+
+    taxonomy = commands.add_parser("taxonomy", help="draw the whole hierarchy")
+    taxonomy.add_argument("-o", "--output", required=True, metavar="FILE",
+                          help="output file: .svg, .png, .pdf or .dot")
+    taxonomy.add_argument("--specs", nargs="*", default=None, metavar="PATH",
+                          help="spec files or folders whose cells are highlighted")
+    taxonomy.set_defaults(run=_command_taxonomy)
+
+    explore = commands.add_parser("explore", help="list cells and scaffold specs for them")
+    explore_commands = explore.add_subparsers(dest="explore_command", required=True,
+                                              metavar="ACTION")
+    listing = explore_commands.add_parser("list", help="list the cells of the hierarchy")
+    listing.add_argument("--group", help="only this group: HMM, AR-HMM, F-HMM or DMM-Aug")
+    listing.add_argument("--max-order", type=int, default=None, metavar="K",
+                         help="also list the finite-order cells with orders up to K")
+    listing.add_argument("--specs", default="specs", metavar="DIR",
+                         help="folder searched for specs of each cell (default specs)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=_command_explore_list)
+    new = explore_commands.add_parser("new", help="write a spec for a cell")
+    new.add_argument("cells", nargs="*", metavar="CELL",
+                     help="cells written as in a spec, e.g. 'AR-HMM(z<-z, x<-x)'")
+    new.add_argument("--paper-cells", action="store_true",
+                     help="write all 36 cells of the paper (OUTPUT is then a folder)")
+    new.add_argument("-o", "--output", required=True,
+                     help="the .dssm file to write, or a folder for several cells")
+    new.add_argument("--force", action="store_true", help="overwrite existing files")
+    new.set_defaults(run=_command_explore_new)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    try:
+        return args.run(args)
+    except DssmError as error:
+        _print_error(error)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
