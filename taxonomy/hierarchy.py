@@ -182,6 +182,9 @@ class GuideFacts:
 
     z_independent_of_past_x: bool
     posterior_conditioning: list[str]
+    z_lags: LagSet = field(default_factory=LagSet)
+    x_past_lags: LagSet = field(default_factory=LagSet)
+    x_current_and_future: bool = True
 
     @property
     def partial_rnn(self) -> str:
@@ -500,7 +503,21 @@ class _UnrolledAnalysis:
             rest = [other for other in kept if other != node]
             if self._separated({(z, t)}, {node}, rest):
                 kept = rest
-        return GuideFacts(independent, self._describe(kept))
+        return GuideFacts(independent, self._describe(kept),
+                          z_lags=self._past_lags(kept, z), x_past_lags=self._past_lags(kept, x),
+                          x_current_and_future=all((x, s) in kept
+                                                   for s in range(t, self.steps + 1)))
+
+    def _past_lags(self, kept: list[tuple[str, int]], name: str) -> LagSet:
+        """The lags before t kept for `name`; a run that reaches step 1 becomes a tail."""
+        t = self.step
+        lags = sorted(t - s for variable, s in kept if variable == name and s < t)
+        if not lags or lags[-1] != t - 1:
+            return LagSet(frozenset(lags))
+        tail = lags[-1]
+        while tail - 1 in lags:
+            tail -= 1
+        return LagSet(frozenset(lag for lag in lags if lag < tail), tail)
 
     def _describe(self, kept: list[tuple[str, int]]) -> list[str]:
         t, last = self.step, self.steps
