@@ -49,7 +49,7 @@ class MusicSet:
 
 @dataclass(frozen=True)
 class Download:
-    """Where `fetch` gets a file, pinned to a commit, and the file's SHA-256."""
+    """The source of a file for `fetch`: a URL pinned to a commit, and the file's SHA-256."""
 
     url: str
     sha256: str
@@ -105,7 +105,7 @@ def load_music(name: str, search_dirs: list[Path] | None = None) -> Dataset:
         raise DataError(f"{music_set.title} not found: looked for "
                         f"{' or '.join(music_set.file_names)} in {looked_in}. "
                         f"Run `dssm data fetch {name}`, or set DSSM_DATA_DIR to the folder "
-                        f"that holds the file.")
+                        f"that contains the file.")
 
     rolls = read_pickle_rolls(path) if path.suffix == ".pickle" else read_mat_rolls(path)
     splits = {split: SequenceData([roll for _, roll in named], [label for label, _ in named],
@@ -207,8 +207,8 @@ def read_pickle_rolls(path: str | Path) -> dict[str, list[tuple[str, np.ndarray]
     """Read Pyro's piano-roll pickle into {split: [(label, roll (T, 88) float32), ...]}.
 
     Raises DataError naming the file when it cannot be read, refers to any
-    global other than the two numpy ones its format needs, or holds a note
-    outside MIDI 21 to 108.
+    global other than the two numpy ones its format needs, or contains a
+    note outside MIDI 21 to 108.
     """
     path = Path(path)
     content = _read_bytes(path)
@@ -256,10 +256,10 @@ def _rolls_from_note_lists(path: Path, split: str, sequences) -> list[tuple[str,
                                 f"expected a tuple of MIDI note numbers")
             for note in notes:
                 if isinstance(note, bool) or not isinstance(note, int):
-                    raise DataError(f"{path}: {label} step {t} holds {note!r}, "
+                    raise DataError(f"{path}: {label} step {t} contains {note!r}, "
                                     f"which is not a MIDI note number")
                 if not LOWEST_NOTE <= note <= HIGHEST_NOTE:
-                    raise DataError(f"{path}: {label} step {t} holds note {note}, outside "
+                    raise DataError(f"{path}: {label} step {t} contains note {note}, outside "
                                     f"the 88 piano keys (MIDI {LOWEST_NOTE} to "
                                     f"{HIGHEST_NOTE})")
                 roll[t, note - LOWEST_NOTE] = 1.0
@@ -278,7 +278,7 @@ def read_mat_rolls(path: str | Path) -> dict[str, list[tuple[str, np.ndarray]]]:
     """Read a piano-roll .mat file into {split: [(label, roll (T, 88) float32), ...]}.
 
     Raises DataError naming the file when it cannot be read, lacks one of
-    traindata/validdata/testdata, or holds a matrix that is not T x 88 with
+    traindata/validdata/testdata, or contains a matrix that is not T x 88 with
     values 0 and 1 only (NaN and inf included).
     """
     path = Path(path)
@@ -293,7 +293,7 @@ def read_mat_rolls(path: str | Path) -> dict[str, list[tuple[str, np.ndarray]]]:
     for split, variable in _MAT_VARIABLES.items():
         if variable not in contents:
             raise DataError(f"{path}: the variable '{variable}' is missing; a piano-roll "
-                            f".mat file holds traindata, validdata and testdata")
+                            f".mat file contains traindata, validdata and testdata")
         cells = contents[variable]
         if not isinstance(cells, np.ndarray) or cells.dtype != object:
             raise DataError(f"{path}: '{variable}' is not a cell array of piano rolls")
@@ -317,10 +317,11 @@ def _checked_mat_roll(path: Path, label: str, matrix) -> tuple[str, np.ndarray] 
 
     roll = matrix.astype(np.float32)
     if not np.isfinite(roll).all():
-        raise DataError(f"{path}: {label} holds NaN or infinite values")
+        raise DataError(f"{path}: {label} contains NaN or infinite values")
     if not np.isin(roll, (0.0, 1.0)).all():
         bad = roll[~np.isin(roll, (0.0, 1.0))][0]
-        raise DataError(f"{path}: {label} holds the value {bad:g}; a piano roll holds 0 and 1 only")
+        raise DataError(f"{path}: {label} contains the value {bad:g}, but a piano roll "
+                        f"contains 0 and 1 only")
     return label, roll
 
 
