@@ -282,11 +282,16 @@ def cell_from_assertion(asserted: CellAssertion, error) -> Cell:
                     hint=did_you_mean(asserted.group, GROUPS) or "groups: " + ", ".join(GROUPS))
     group_edges = GROUP_EDGES[asserted.group]
     orders: dict[str, int | str] = {edge: EDGE_KINDS[edge].base_order for edge in group_edges}
+    listed: set[str] = set()
     for cell_edge in asserted.edges:
         edge = f"{cell_edge.child}<-{cell_edge.parent}"
         if edge not in EDGE_KINDS:
             raise error(f"unknown edge '{edge}'", cell_edge.span,
                         hint=did_you_mean(edge, EDGES) or "edges: " + ", ".join(EDGES))
+        if edge in listed:
+            raise error(f"edge {edge} is listed twice", cell_edge.span,
+                        hint="give each edge once, with its order if it is finite")
+        listed.add(edge)
         if edge not in group_edges:
             raise error(f"group {asserted.group} has no {edge} edge", cell_edge.span,
                         hint=f"its edges are {', '.join(group_edges)}")
@@ -446,9 +451,14 @@ class _UnrolledAnalysis:
     """D-separation queries on the model unrolled over enough steps."""
 
     def __init__(self, model: ModelGraph, z: str, x: str, edge_lags: dict[str, LagSet]):
-        finite = [lag for data in model.graph.edges.values()
-                  for lag in data["lags"].finite] + [1]
-        horizon = max(finite)
+        # A whole-history reference 1:t-k starts k steps back, so k counts like a
+        # finite lag. Unless t lies past it, the edge is missing from the unrolled graph.
+        reach = [1]
+        for data in model.graph.edges.values():
+            reach += data["lags"].finite
+            if data["lags"].tail is not None:
+                reach.append(data["lags"].tail)
+        horizon = max(reach)
         self.z, self.x = z, x
         self.step = 3 * horizon + 3         # the step t the queries are about
         self.steps = self.step + horizon + 2  # T: the future observations after t
@@ -498,15 +508,47 @@ class _UnrolledAnalysis:
         # Shrink z[1:t-1], x[1:T] to a minimal conditioning set of p(z[t] | ...),
         # dropping the oldest first; d-separation's contraction property makes
         # the set left over separate z[t] from everything dropped.
-        kept = [(z, s) for s in range(1, t)] + [(x, s) for s in range(1, self.steps + 1)]
-        for node in list(kept):
-            rest = [other for other in kept if other != node]
-            if self._separated({(z, t)}, {node}, rest):
-                kept = rest
+        candidates = [(z, s) for s in range(1, t)] + [(x, s) for s in range(1, self.steps + 1)]
+        kept: list[tuple[str, int]] = []
+        start = 0
+        while start < len(candidates):
+            end = self._droppable_run_end(kept, candidates, start)
+            if end < len(candidates):
+                kept.append(candidates[end])
+            start = end + 1
         return GuideFacts(independent, self._describe(kept),
                           z_lags=self._past_lags(kept, z), x_past_lags=self._past_lags(kept, x),
                           x_current_and_future=all((x, s) in kept
                                                    for s in range(t, self.steps + 1)))
+
+    def _droppable_run_end(self, kept: list, candidates: list, start: int) -> int:
+        """Return the largest `end` such that z[t] is separated from candidates[start:end].
+
+        Dropping candidates one at a time, oldest first, drops exactly this run
+        and then keeps candidates[end]. By weak union and decomposition, every
+        shorter run is separable whenever a longer one is. By contraction,
+        candidates[end] cannot be dropped after the run. So a doubling and then
+        a binary search find the run in a logarithmic number of queries, which
+        keeps long windows such as z[t-50:t-1] fast.
+        """
+        target = {(self.z, self.step)}
+
+        def separable(end: int) -> bool:
+            return self._separated(target, set(candidates[start:end]),
+                                   kept + candidates[end:])
+
+        low, size = start, 1
+        while low + size <= len(candidates) and separable(low + size):
+            low, size = low + size, size * 2
+        # separable(low) holds; separable(high) does not, or high is past the end.
+        high = min(low + size, len(candidates) + 1)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if separable(middle):
+                low = middle
+            else:
+                high = middle
+        return low
 
     def _past_lags(self, kept: list[tuple[str, int]], name: str) -> LagSet:
         """The lags before t kept for `name`; a run that reaches step 1 becomes a tail."""
