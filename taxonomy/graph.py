@@ -33,6 +33,10 @@ DEFAULT_SIZES = {
 }
 DEFAULT_FLOW = (3, 20)  # IAF layers and hidden width when `flow iaf` gives no sizes
 RESERVED = set(KEYWORDS) | {"t", "all"}
+# The checker unrolls a model over about 4 * MAX_LAG steps, and its d-separation
+# queries take time roughly cubic in the largest lag (about 6 s for lag 50 on a
+# 2-core machine). So finite lags stop here, and longer memory is a whole history.
+MAX_LAG = 50
 STOCHASTIC = ("latent", "observed")
 
 
@@ -270,22 +274,37 @@ def _check_reference(model: ModelGraph, reference: Reference) -> None:
         raise model.error(f"unknown variable '{reference.name}'", reference.name_span,
                           hint=hint or "declare it with `latent`, `observed` or "
                                        "`deterministic` first")
+    farthest = max(abs(reference.newest), abs(reference.oldest or 0))
+    if farthest > MAX_LAG:
+        raise model.error(f"{reference.describe()} reaches {farthest} steps from t, more than "
+                          f"the {MAX_LAG} the checker supports", reference.span,
+                          hint=f"for a longer memory write the whole history, e.g. "
+                               f"{reference.name}[1:t-1]")
 
 
 def _check_name(model: ModelGraph, name: str, span: Span, what: str) -> None:
-    # Names become Python identifiers in generated code.
+    problem = name_problem(name)
+    if problem is not None:
+        reason, hint = problem
+        raise model.error(f"{what} name '{name}' {reason}", span, hint=hint)
+
+
+def name_problem(name: str) -> tuple[str, str] | None:
+    """Why `name` cannot name a model or variable, and the fix; None when it can.
+
+    Names become Python identifiers in generated code.
+    """
     if not (name.isidentifier() and name.isascii()):
-        raise model.error(f"{what} name '{name}' is not a plain identifier", span,
-                          hint="use ASCII letters, digits and underscores, starting with a letter")
+        return ("is not a plain identifier",
+                "use ASCII letters, digits and underscores, starting with a letter")
     if keyword.iskeyword(name) or keyword.issoftkeyword(name):
-        raise model.error(f"{what} name '{name}' is a Python keyword", span,
-                          hint=f"choose another name, e.g. '{name}_'")
+        return "is a Python keyword", f"choose another name, e.g. '{name}_'"
     if name in RESERVED:
-        raise model.error(f"{what} name '{name}' is a reserved word of the spec language", span,
-                          hint=f"choose another name, e.g. '{name}_'")
+        return "is a reserved word of the spec language", f"choose another name, e.g. '{name}_'"
     if name.startswith("__"):
-        raise model.error(f"{what} name '{name}' starts with a double underscore", span,
-                          hint=f"choose another name, e.g. '{name.lstrip('_')}'")
+        return ("starts with a double underscore",
+                f"choose another name, e.g. '{name.lstrip('_') or 'name'}'")
+    return None
 
 
 def _apply_settings(model: ModelGraph) -> None:
@@ -309,6 +328,9 @@ def _apply_settings(model: ModelGraph) -> None:
                 raise model.error(f"unknown flow '{setting.name}'", setting.name_span,
                                   hint=did_you_mean(setting.name, FLOWS)
                                   or "write `flow iaf[LAYERS, WIDTH]`")
+            if not setting.values:
+                model.flow = DEFAULT_FLOW
+                continue
             if len(setting.values) != 2 or min(setting.values) < 1:
                 raise model.error("`flow iaf` takes two positive integers: layers and hidden "
                                   "width", setting.span, hint="e.g. `flow iaf[3, 20]`")
