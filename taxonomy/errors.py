@@ -49,7 +49,10 @@ class SpecError(DssmError):
         lines = [f"{position}: error: {self.message}"]
 
         if self.source_line is not None and loc.column is not None:
-            text = self.source_line.rstrip("\r\n").expandtabs(1)
+            # One character per column, as the parser counts them: a tab is one
+            # space and a control character one '?', so the caret lines up.
+            text = self.source_line.rstrip("\r\n").replace("\t", " ")
+            text = "".join(char if char.isprintable() else "?" for char in text)
             width = 1
             if loc.end_column is not None and loc.end_column > loc.column:
                 width = loc.end_column - loc.column

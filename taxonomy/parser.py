@@ -113,10 +113,14 @@ def read_spec_text(path: str | os.PathLike) -> str:
     except UnicodeDecodeError as error:
         before = data[:error.start]
         line = before.count(b"\n") + 1
-        column = len(before) - (before.rfind(b"\n") + 1) + 1
+        line_start = before.rfind(b"\n") + 1
+        line_end = data.find(b"\n", error.start)
+        source_line = data[line_start:None if line_end < 0 else line_end].decode(
+            "utf-8", errors="replace")
+        column = len(before[line_start:].decode("utf-8", errors="replace")) + 1
         raise SpecError(f"not valid UTF-8 (byte 0x{data[error.start]:02x})",
                         Location(name, line, column),
-                        hint="save the spec as UTF-8 text") from None
+                        hint="save the spec as UTF-8 text", source_line=source_line) from None
 
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -152,24 +156,32 @@ def _span(meta_or_token) -> Span:
 
 
 def _syntax_error(error: UnexpectedInput, text: str, path: str) -> SpecError:
-    lines = text.splitlines() or [""]
+    lines = [line.rstrip("\r") for line in text.split("\n")]
     line = getattr(error, "line", None)
     column = getattr(error, "column", None)
     if isinstance(error, UnexpectedEOF) or line in (None, -1) or line > len(lines):
         line, column = len(lines), len(lines[-1]) + 1
     source_line = lines[line - 1] if line <= len(lines) else ""
 
+    misspelt = _misspelt_keyword(source_line)
+    if misspelt is not None:
+        word, hint = misspelt
+        start = source_line.index(word) + 1
+        return SpecError(f"unknown statement '{word}'", Location(path, line, start,
+                                                                 start + len(word)),
+                         hint=hint, source_line=source_line)
+
     label = error.match_examples(_lark().parse, _examples_in_context(), use_accepts=True)
     found = _describe_found(error, source_line, column)
     message = f"{label}; found {found}" if label else f"unexpected {found}"
 
-    hint = _keyword_hint(source_line)
+    hint = None
     if hint is None and isinstance(error, UnexpectedToken) and error.token.type == "INT" \
             and column and column > 1 and source_line[column - 2:column - 1] in ("[", ":"):
         hint = "steps are written relative to t, e.g. t, t-1, t-3:t-1 or 1:t-1"
     if hint is None and _starts_with_digit_name(error, source_line, column):
         hint = "names must start with a letter or an underscore"
-    if hint is None and column and column > 1 and source_line[column - 1:column] in "-." \
+    if hint is None and column and column > 1 and source_line[column - 1:column] in ("-", ".") \
             and (source_line[column - 2:column - 1].isalnum()) and "[" not in source_line[:column]:
         hint = "names are plain identifiers: letters, digits and underscores"
 
@@ -189,19 +201,28 @@ def _describe_found(error: UnexpectedInput, source_line: str, column: int) -> st
         return f"'{error.token}'"
     if isinstance(error, UnexpectedCharacters):
         char = source_line[column - 1:column] if column else ""
-        return f"character '{char}'" if char else "end of line"
+        if not char:
+            return "end of line"
+        if not char.isprintable() or char.isspace():
+            return f"character U+{ord(char):04X}"
+        return f"character '{char}'"
     return "input"
 
 
-def _keyword_hint(source_line: str) -> str | None:
-    """Suggest a keyword when the first word of a broken line looks like a misspelt one."""
+def _misspelt_keyword(source_line: str) -> tuple[str, str] | None:
+    """Return the first word of a broken line and a did-you-mean, if it is a misspelt keyword.
+
+    Only a word followed by another word counts, because a line that starts
+    with `name[` is a dependency, whatever the name.
+    """
     words = source_line.split("#", 1)[0].split()
-    if not words or "<-" in source_line:
+    if len(words) < 2 or "<-" in source_line:
         return None
-    first = words[0].split("[", 1)[0]
+    first = words[0]
     if first in KEYWORDS or not first.isidentifier():
         return None
-    return did_you_mean(first, KEYWORDS)
+    hint = did_you_mean(first, KEYWORDS)
+    return (first, hint) if hint else None
 
 
 def _starts_with_digit_name(error: UnexpectedInput, source_line: str, column: int | None) -> bool:
@@ -262,7 +283,9 @@ class _SpecBuilder:
 
     def flow_decl(self, tree: Tree) -> None:
         name, *values = tree.children
-        self.spec.settings.append(Setting("flow", str(name), tuple(int(v) for v in values),
+        # `flow iaf` without brackets leaves None placeholders: the default sizes.
+        self.spec.settings.append(Setting("flow", str(name),
+                                          tuple(int(v) for v in values if v is not None),
                                           _span(tree.meta), _span(name)))
 
     def size_decl(self, tree: Tree) -> None:

@@ -131,5 +131,7 @@ class Spec:
     cell: CellAssertion | None = None
 
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
-        return lines[line - 1] if 0 < line <= len(lines) else ""
+        # Split at \n only, as the parser counts lines, so a form feed or a
+        # lone \r inside a line does not shift the lines after it.
+        lines = self.text.split("\n")
+        return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
