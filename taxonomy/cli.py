@@ -28,8 +28,11 @@ def _command_check(args: argparse.Namespace) -> int:
             failed = True
             _print_error(error)
             if args.json:
-                print(json.dumps({"model": None, "path": path, "outside": None,
-                                  "error": error.format()}, ensure_ascii=False))
+                # The same keys as a placed spec, so a script can read every line alike.
+                print(json.dumps({"model": None, "path": path, "group": None, "cell": None,
+                                  "orders": None, "relaxed": [], "known_as": [],
+                                  "outside": None, "error": error.format()},
+                                 ensure_ascii=False))
             continue
 
         problems = placement.problems()

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from taxonomy.errors import DssmError, SpecError
+from taxonomy.graph import name_problem
 from taxonomy.hierarchy import EDGE_KINDS, GROUP_EDGES, GROUPS, Cell, check_spec, paper_cells, \
     parse_cell
 from taxonomy.scaffold import cell_file_stem, cell_spec_text
@@ -61,6 +62,8 @@ def write_cell_specs(labels: list[str], output: str, paper_cells: bool = False,
     cells = [parse_cell(label) for label in labels]
     if paper_cells:
         cells += globals()["paper_cells"]()
+    # A cell named and also among the paper cells is written once.
+    cells = list(dict.fromkeys(cells))
     if not cells:
         raise DssmError("name a cell, e.g. 'AR-HMM(z<-z, x<-x)', or pass --paper-cells")
 
@@ -70,14 +73,28 @@ def write_cell_specs(labels: list[str], output: str, paper_cells: bool = False,
         folder = Path(output)
         if folder.suffix == ".dssm":
             raise DssmError(f"{output}: several cells need a folder, not a .dssm file")
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DssmError(f"cannot create the folder {output}: {error.strerror or error}; "
+                            "choose another --output") from None
         targets = [(cell, folder / f"{cell_file_stem(cell)}.dssm") for cell in cells]
+
+    # Check every target first, so a refusal leaves the folder as it was.
+    existing = [str(path) for _, path in targets if path.exists()]
+    if existing and not force:
+        named = ", ".join(existing[:3])
+        if len(existing) > 3:
+            named += f" and {len(existing) - 3} more"
+        raise DssmError(f"{named} already exist{'s' if len(existing) == 1 else ''}; "
+                        "pass --force to overwrite")
 
     written = []
     for cell, path in targets:
-        if path.exists() and not force:
-            raise DssmError(f"{path} exists; pass --force to overwrite it")
-        name = path.stem if path.stem.isidentifier() else cell_file_stem(cell)
-        write_text_atomically(path, cell_spec_text(cell, model_name=name))
+        name = path.stem if name_problem(path.stem) is None else cell_file_stem(cell)
+        try:
+            write_text_atomically(path, cell_spec_text(cell, model_name=name))
+        except OSError as error:
+            raise DssmError(f"cannot write {path}: {error.strerror or error}") from None
         written.append(str(path))
     return written
