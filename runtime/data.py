@@ -136,9 +136,9 @@ class SequenceData:
         """Return the sequence indices of each mini-batch of one epoch.
 
         Without `shuffle` the sequences come in stored order. With it, the order
-        is `torch.randperm(len(self), generator=generator)`, so the same
-        generator state gives the same batches; without a generator, torch's
-        global generator is used. Sequences are not sorted by length, within
+        is `torch.randperm(len(self), generator=generator)` with a CPU
+        generator, so the same generator state gives the same batches. Without
+        a generator, torch's global generator is used. Sequences are not sorted by length, within
         a batch or across batches. The last batch is smaller when `len(self)` is
         not a multiple of `batch_size`, unless `drop_last` leaves it out.
         """
