@@ -404,7 +404,7 @@ class _Training:
 
     def _start(self) -> None:
         if (self.run_dir / LAST_CHECKPOINT).exists():
-            raise TrainingError(f"{self.run_dir} already holds a run ({LAST_CHECKPOINT}); "
+            raise TrainingError(f"{self.run_dir} already contains a run ({LAST_CHECKPOINT}); "
                                 f"pass --resume to continue it, or choose another --out")
         # Creating every parameter now lets the first epoch's snapshot hold
         # them all, `pyro.param` sites included.
@@ -613,7 +613,7 @@ class _Training:
             self._log(f"error: {message}", level=logging.ERROR)
             raise TrainingError(
                 f"{message}. Training stopped after {self.failures} non-finite losses; "
-                f"{self.run_dir / LAST_CHECKPOINT} holds the last completed epoch. Check the "
+                f"{self.run_dir / LAST_CHECKPOINT} contains the last completed epoch. Check the "
                 f"data for NaN or infinite values, or lower the learning rate (now {self.lr:.3g})")
 
         self.lr /= 2

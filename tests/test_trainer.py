@@ -156,7 +156,7 @@ def test_second_run_in_same_directory_without_resume_raises(tmp_path):
     run_dir = tmp_path / "run"
     train(toy_model(), binary_dataset(), small_config(epochs=1), run_dir, progress=False)
 
-    with pytest.raises(TrainingError, match="already holds a run"):
+    with pytest.raises(TrainingError, match="already contains a run"):
         train(toy_model(), binary_dataset(), small_config(epochs=1), run_dir, progress=False)
 
 
