@@ -170,7 +170,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", nll_samples: int = 0,
     :param data: the data set (`runtime.data.Dataset`); by default
         `load_dataset(config.dataset)`.
     :param int batch_size: sequences per batch; by default the run's.
-    :param str device: "cpu", "cuda" or "auto"; by default the run's.
+    :param str device: "cpu", "cuda" or "auto" (the default): the run's
+        checkpoint maps to it whatever device trained the run.
     """
     run_dir = Path(run_dir)
     if model_factory is None:
@@ -188,7 +189,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", nll_samples: int = 0,
         raise EvaluationError(f"unknown split '{split}'; choose train, valid or test")
 
     try:
-        target = resolve_device(device or config.device)
+        target = resolve_device(device or "auto")
     except TrainingError as error:
         raise EvaluationError(str(error)) from error
     model = model_factory(config, data.x_dim).to(target)

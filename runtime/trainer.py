@@ -447,7 +447,7 @@ class _Training:
         restore_rng_states(checkpoint["rng"], self.batch_generator)
 
         self._write_config()
-        self._truncate_metrics(self.epoch)
+        self._rewrite_metrics()
         self._log(f"resumed from {path} after epoch {self.epoch}")
 
     def _warn_about_changed_options(self, saved: dict[str, Any]) -> None:
@@ -464,12 +464,27 @@ class _Training:
         resolved = {**self.config.to_dict(), "device": str(self.device)}
         write_text_atomically(self.run_dir / CONFIG_FILE, json.dumps(resolved, indent=1) + "\n")
 
-    def _truncate_metrics(self, epochs: int) -> None:
-        """Drop metrics rows of epochs after the checkpoint: a kill can leave one behind."""
+    def _rewrite_metrics(self) -> None:
+        """Make metrics.jsonl end at the checkpoint's epoch.
+
+        A kill can leave a row after the checkpoint, or half a row. Rows up to
+        the checkpoint's epoch are kept and the checkpoint's own row is
+        rewritten from the copy the checkpoint carries.
+        """
         path = self.run_dir / METRICS_FILE
         lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-        remaining = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs]
-        write_text_atomically(path, "".join(line + "\n" for line in remaining))
+        rows = []
+        for line in filter(str.strip, lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                self._log(f"warning: dropped an unreadable line of {path}: {line[:60]!r}",
+                          level=logging.WARNING)
+        rows = [row for row in rows if row.get("epoch", math.inf) < self.epoch]
+        if self.last_row is not None:
+            rows.append(self.last_row)
+        write_text_atomically(path, "".join(json.dumps(row, allow_nan=False) + "\n"
+                                            for row in rows))
 
     def _make_optimizer(self, lr: float):
         return pyro.optim.Adam({"lr": lr})

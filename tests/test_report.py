@@ -22,31 +22,31 @@ def write_run(run_dir, valid_losses, summary):
     return run_dir
 
 
-def two_runs(tmp_path):
-    dmm = write_run(tmp_path / "runs" / "dmm", [9.0, 8.0, 7.5, 7.2],
+@pytest.fixture(scope="module")
+def two_run_report(tmp_path_factory):
+    """Report two hand-written runs once; the tests below read its files."""
+    root = tmp_path_factory.mktemp("runs")
+    dmm = write_run(root / "dmm", [9.0, 8.0, 7.5, 7.2],
                     {"run": "dmm", "epochs": 4, "best_epoch": 4,
                      "best_valid_neg_elbo_per_step": 7.2, "test_neg_elbo_per_step": 7.123456,
                      "seed": 0})
-    vrnn = write_run(tmp_path / "runs" / "vrnn", [8.5, None, 7.0],
+    vrnn = write_run(root / "vrnn", [8.5, None, 7.0],
                      {"run": "vrnn", "epochs": 3, "best_epoch": 3,
                       "best_valid_neg_elbo_per_step": 7.0, "seed": 1, "failures": 1})
-    return [dmm, vrnn]
+    return report([dmm, vrnn], root / "report")
 
 
-def test_report_writes_curves_and_tables(tmp_path):
-    files = report(two_runs(tmp_path), tmp_path / "report")
-
-    assert files.curves.name == "training_curves.png"
-    assert files.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert files.markdown.is_file()
-    assert files.csv.is_file()
+def test_report_writes_curves_and_tables(two_run_report):
+    assert two_run_report.curves.name == "training_curves.png"
+    assert two_run_report.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert two_run_report.markdown.name == "summary.md"
+    assert two_run_report.csv.name == "summary.csv"
 
 
-def test_report_csv_has_one_row_per_run(tmp_path):
-    files = report(two_runs(tmp_path), tmp_path / "report")
-
-    with open(files.csv, newline="") as handle:
+def test_report_csv_has_one_row_per_run(two_run_report):
+    with open(two_run_report.csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
+
     assert [row["run"] for row in rows] == ["dmm", "vrnn"]
     assert float(rows[0]["test_neg_elbo_per_step"]) == 7.123456
     assert rows[1]["test_neg_elbo_per_step"] == ""
@@ -55,20 +55,18 @@ def test_report_csv_has_one_row_per_run(tmp_path):
     assert header[:4] == ["run", "epochs", "best_epoch", "best_valid_neg_elbo_per_step"]
 
 
-def test_report_markdown_table_rounds_floats(tmp_path):
-    files = report(two_runs(tmp_path), tmp_path / "report")
+def test_report_markdown_table_rounds_floats(two_run_report):
+    lines = two_run_report.markdown.read_text().splitlines()
 
-    lines = files.markdown.read_text().splitlines()
     assert lines[0].startswith("| run | epochs | best_epoch | best_valid_neg_elbo_per_step |")
     assert lines[1].startswith("|---|---:|")
     assert len(lines) == 4
     assert "| dmm | 4 | 4 | 7.2000 | 7.1235 |" in lines[2]
 
 
-def test_report_curves_draw_one_colour_per_run(tmp_path):
-    files = report(two_runs(tmp_path), tmp_path / "report")
+def test_report_curves_draw_one_colour_per_run(two_run_report):
+    image = matplotlib.image.imread(two_run_report.curves)[..., :3]
 
-    image = matplotlib.image.imread(files.curves)[..., :3]
     # matplotlib's first two cycle colours, C0 and C1.
     for colour in ([0x1f, 0x77, 0xb4], [0xff, 0x7f, 0x0e]):
         close = np.abs(image - np.array(colour) / 255).max(-1) < 0.05

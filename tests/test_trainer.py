@@ -97,6 +97,7 @@ def test_train_writes_run_directory(tmp_path):
     assert {"config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt",
             "summary.json", "train.log"} <= names
 
+    assert torch.get_num_threads() == 1
     config = json.loads((run_dir / "config.json").read_text())
     assert config["device"] == "cpu"
     assert config["lr"] == 1e-2
@@ -213,18 +214,55 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
         assert torch.allclose(resumed_model.state_dict()[name], value, atol=1e-6), name
 
 
-def test_resume_drops_metrics_rows_after_checkpoint(tmp_path):
+@pytest.mark.parametrize("left_behind", [
+    json.dumps({"epoch": 2, "train_loss_per_step": -1.0}) + "\n",
+    '{"epoch": 2, "train_loss_per',
+])
+def test_resume_drops_metrics_rows_after_checkpoint(tmp_path, left_behind):
     run_dir = tmp_path / "run"
     train(toy_model(), binary_dataset(), small_config(epochs=1), run_dir, progress=False)
+    first_row = read_metrics(run_dir)[0]
     with open(run_dir / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps({"epoch": 2, "train_loss_per_step": -1.0}) + "\n")
+        handle.write(left_behind)
 
     train(toy_model(), binary_dataset(), small_config(epochs=2, resume=True), run_dir,
           progress=False)
 
     metrics = read_metrics(run_dir)
     assert [row["epoch"] for row in metrics] == [1, 2]
+    assert metrics[0] == first_row
     assert metrics[1]["train_loss_per_step"] > 0
+
+
+def test_resume_of_finished_run_trains_no_more(tmp_path):
+    run_dir = tmp_path / "run"
+    first = train(toy_model(), binary_dataset(), small_config(epochs=1), run_dir,
+                  progress=False)
+
+    again = train(toy_model(), binary_dataset(), small_config(epochs=1, resume=True), run_dir,
+                  progress=False)
+
+    assert again.epochs == 1
+    assert again.best_valid_neg_elbo_per_step == first.best_valid_neg_elbo_per_step
+    assert len(read_metrics(run_dir)) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_resumes_and_evaluates_on_cpu(tmp_path):
+    from runtime.evaluate import evaluate_run
+
+    run_dir = tmp_path / "run"
+    data = binary_dataset()
+    train(toy_model(), data, small_config(epochs=1, device="cuda"), run_dir, progress=False)
+    assert next(iter(pyro.get_param_store().values())).device.type == "cuda"
+
+    train(toy_model(), data, small_config(epochs=2, device="cpu", resume=True), run_dir,
+          progress=False)
+    result = evaluate_run(run_dir, nll_samples=2, model_factory=lambda config, x_dim:
+                          ToyDMM(x_dim=x_dim), data=data, device="cpu")
+
+    assert [row["epoch"] for row in read_metrics(run_dir)] == [1, 2]
+    assert math.isfinite(result.nll_per_step)
 
 
 def test_nan_parameter_restores_and_halves_lr(tmp_path):

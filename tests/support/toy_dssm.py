@@ -123,7 +123,7 @@ class LinearGaussian(nn.Module):
         batch_size = x.shape[0]
         with pyro.plate("sequences", batch_size, dim=-1):
             with poutine.scale(scale=annealing_factor):
-                z = pyro.sample("z", dist.Normal(torch.zeros(batch_size, self.x_dim), 1.0)
+                z = pyro.sample("z", dist.Normal(x.new_zeros(batch_size, self.x_dim), 1.0)
                                 .to_event(1))
             emission = dist.Normal(z.unsqueeze(1).expand(x.shape), self.noise_scale)
             pyro.sample("x", emission.mask(mask.unsqueeze(-1)).to_event(2), obs=x)
