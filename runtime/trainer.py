@@ -278,12 +278,23 @@ class _NonFiniteLoss(Exception):
         self.problem = problem
 
 
+def optimizer_state(optim) -> dict[str, Any]:
+    """Return a PyroOptim's state by parameter name, including state not yet handed to a parameter.
+
+    `PyroOptim.set_state` keeps the state of each parameter aside until that
+    parameter's next step, and `get_state` leaves such state out; a state
+    restored just before a checkpoint would otherwise be lost. The attribute
+    read here is private to `pyro.optim.PyroOptim` (Pyro 1.9).
+    """
+    return {**getattr(optim, "_state_waiting_to_be_consumed", {}), **optim.get_state()}
+
+
 class _Snapshot:
     """An in-memory copy of the last good parameters and optimizer state."""
 
     def __init__(self, model, optim, where: str):
         self.parameters = capture_parameters(model)
-        self.optimizer = copy_optimizer_state(optim.get_state())
+        self.optimizer = copy_optimizer_state(optimizer_state(optim))
         self.where = where
 
 
@@ -411,6 +422,9 @@ class _Training:
         first = next(iter(self.train_data.batches(1))).to(self.device)
         initialize_parameters(self.model, first.x, first.mask)
 
+        # Files of an earlier start that never finished an epoch are replaced.
+        (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
+        (self.run_dir / SUMMARY_FILE).unlink(missing_ok=True)
         self._write_config()
         write_text_atomically(self.run_dir / METRICS_FILE, "")
         (self.run_dir / LOG_FILE).write_text("", encoding="utf-8")
@@ -676,7 +690,7 @@ class _Training:
         return {
             "epoch": self.epoch,
             "parameters": capture_parameters(self.model),
-            "optimizer": self.optim.get_state(),
+            "optimizer": optimizer_state(self.optim),
             "lr": self.lr,
             "failures": self.failures,
             "best_score": self.best_score,

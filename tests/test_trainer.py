@@ -289,6 +289,30 @@ def test_nan_parameter_restores_and_halves_lr(tmp_path):
     assert "halved the learning rate to 0.005" in log_text
 
 
+def test_nan_before_validation_keeps_restored_optimizer_state(tmp_path):
+    # Corrupting after the epoch's last step makes validation fail; the
+    # restored Adam state has not reached any parameter when the checkpoint is written.
+    run_dir = tmp_path / "run"
+
+    def corrupt_last_step_of_epoch_2(info):
+        if (info.epoch, info.batch) == (2, 3):
+            with torch.no_grad():
+                pyro.get_param_store()["toy_dmm$$$combiner.bias"].unconstrained().fill_(math.inf)
+
+    train(toy_model(), binary_dataset(), small_config(epochs=2), run_dir, progress=False,
+          callback=corrupt_last_step_of_epoch_2)
+
+    metrics = read_metrics(run_dir)
+    assert metrics[1]["valid_neg_elbo_per_step"] is None
+    assert metrics[1]["lr"] == 5e-3
+    checkpoint = torch.load(run_dir / "checkpoint-last.pt", weights_only=True)
+    assert "toy_dmm$$$combiner.bias" in checkpoint["optimizer"]
+    for state in checkpoint["optimizer"].values():
+        assert state["param_groups"][0]["lr"] == 5e-3
+    assert torch.isfinite(checkpoint["parameters"]["param_store"]["toy_dmm$$$combiner.bias"]).all()
+    assert "validation of epoch 2" in (run_dir / "train.log").read_text()
+
+
 def test_nan_emission_stops_after_repeated_failures(tmp_path):
     torch.manual_seed(0)
     model = ExplodingDMM(x_dim=3)
