@@ -1,7 +1,7 @@
 """Piano rolls out: standard MIDI files with mido and PNG pictures with matplotlib.
 
 A piano roll is a (T, 88) array of 0/1 values, one row per time step and one
-column per piano key; key j is MIDI note j + 21, so column 0 is A0 and
+column per piano key. Key j is MIDI note j + 21, so column 0 is A0 and
 column 87 is C8.
 """
 

@@ -156,7 +156,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainingResult:
-    """What `train` returns; the same figures are in summary.json.
+    """The figures of a finished `train` call, also stored in summary.json.
 
     :param Path run_dir: the run directory.
     :param int epochs: the epochs completed, counting those before a resume.
@@ -178,7 +178,7 @@ class TrainingResult:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What a `train` callback receives after each optimizer step (epoch and batch count from 1)."""
+    """Progress passed to a `train` callback after each optimizer step (epoch and batch count from 1)."""
 
     epoch: int
     batch: int
@@ -282,8 +282,8 @@ def optimizer_state(optim) -> dict[str, Any]:
     """Return a PyroOptim's state by parameter name, including state not yet handed to a parameter.
 
     `PyroOptim.set_state` keeps the state of each parameter aside until that
-    parameter's next step, and `get_state` leaves such state out; a state
-    restored just before a checkpoint would otherwise be lost. The attribute
+    parameter's next step, and `get_state` leaves such state out. Without
+    the merge, a state restored just before a checkpoint would be lost. The attribute
     read here is private to `pyro.optim.PyroOptim` (Pyro 1.9).
     """
     return {**getattr(optim, "_state_waiting_to_be_consumed", {}), **optim.get_state()}
@@ -355,7 +355,7 @@ def train(model, data, config: TrainConfig, run_dir: str | Path, *,
 
 
 class _Training:
-    """The state of one call of `train`."""
+    """Mutable state of one `train` call: counters, optimizer, snapshot and run files."""
 
     def __init__(self, model, data, config: TrainConfig, run_dir: Path, callback, progress):
         self.model = model
@@ -506,7 +506,7 @@ class _Training:
     def _svi_for(self, batch) -> ClippedSVI:
         """Return the SVI object for the batch's shape.
 
-        A JIT-compiled ELBO is traced once for the shapes it first sees, and
+        A JIT-compiled ELBO is traced once, for the shapes of its first call, and
         Pyro keys its cache on the number of arguments only, so the JIT
         variants keep one ELBO per (batch size, steps) shape. Each distinct
         shape compiles once.
@@ -590,8 +590,8 @@ class _Training:
             return svi.step(batch.x, batch.mask, factor_argument)
         except (_NonFiniteLoss, ValueError) as error:
             # Distribution validation raises ValueError on NaN parameters or
-            # values; a ValueError with nothing non-finite behind it is a bug
-            # in the model and goes to the caller unchanged.
+            # values. A ValueError with nothing non-finite behind it is a bug
+            # in the model, so it goes to the caller unchanged.
             problem = describe_nonfinite(self.model, batch, factor, self._names(self.train_data))
             for _, value in pyro.get_param_store().named_parameters():
                 value.grad = None

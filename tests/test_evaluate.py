@@ -63,7 +63,7 @@ def test_nll_estimate_below_neg_elbo_for_dmm():
     model = ToyDMM(x_dim=3)
     pyro.set_rng_seed(0)
 
-    result = evaluate(model, binary_dataset().test, num_samples=20, batch_size=3)
+    result = evaluate(model, binary_dataset().test, num_samples=10, batch_size=3)
 
     assert result.nll_per_step <= result.neg_elbo_per_step + 0.05
     assert result.nll_per_step > 0
