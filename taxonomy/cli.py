@@ -118,6 +118,80 @@ def _command_explore_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_compile(args: argparse.Namespace) -> int:
+    from taxonomy.build import compile_specs, stale_modules, write_compiled
+
+    compiled, errors = compile_specs(args.specs, args.output)
+    for error in errors:
+        _print_error(error)
+
+    if args.check:
+        stale = stale_modules(compiled)
+        for path, reason in stale:
+            print(f"{path}: {reason}", file=sys.stderr)
+        if not stale and not errors:
+            print(f"{len(compiled)} compiled modules are up to date", file=sys.stderr)
+        return 1 if stale or errors else 0
+
+    for path in write_compiled(compiled):
+        print(f"wrote {path}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _command_train(args: argparse.Namespace) -> int:
+    from runtime.runs import train_spec
+
+    options = {name: getattr(args, name) for name in (
+        "epochs", "batch_size", "lr", "clip_norm", "anneal_epochs", "min_anneal", "guide",
+        "iaf", "elbo", "seed", "device", "threads")}
+    options["resume"] = args.resume
+    summary = train_spec(args.spec, args.dataset, args.out, options,
+                         evaluate_test=not args.no_test)
+    print(f"best validation negative ELBO per step: "
+          f"{summary['best_valid_neg_elbo_per_step']:.4f} (epoch {summary['best_epoch']})")
+    if "test_neg_elbo_per_step" in summary:
+        print(f"test negative ELBO per step: {summary['test_neg_elbo_per_step']:.4f}")
+    return 0
+
+
+def _command_eval(args: argparse.Namespace) -> int:
+    from runtime.runs import evaluate_saved_run
+
+    result = evaluate_saved_run(args.run, split=args.split, nll_samples=args.nll_samples,
+                                device=args.device)
+    print(f"{args.split} negative ELBO per step: {result.neg_elbo_per_step:.4f}")
+    if result.nll_per_step is not None:
+        print(f"{args.split} NLL per step ({args.nll_samples} importance samples): "
+              f"{result.nll_per_step:.4f}")
+    return 0
+
+
+def _command_sample(args: argparse.Namespace) -> int:
+    from runtime.runs import sample_run
+
+    for path in sample_run(args.run, args.steps, args.out, seed=args.seed, device=args.device):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _command_report(args: argparse.Namespace) -> int:
+    from runtime.report import report
+
+    files = report(args.runs, args.out)
+    for path in files:
+        print(f"wrote {path}", file=sys.stderr)
+    print(Path(files.markdown).read_text(encoding="utf-8"))
+    return 0
+
+
+def _command_data_fetch(args: argparse.Namespace) -> int:
+    from runtime.data import fetch
+
+    path = fetch(args.name)
+    print(f"{args.name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dssm", description="Compile declarative deep state space model specs.")
@@ -142,6 +216,71 @@ def build_parser() -> argparse.ArgumentParser:
     taxonomy.add_argument("--specs", nargs="*", default=None, metavar="PATH",
                           help="spec files or folders whose cells are highlighted")
     taxonomy.set_defaults(run=_command_taxonomy)
+
+    compile_ = commands.add_parser("compile", help="compile specs into Pyro modules")
+    compile_.add_argument("specs", nargs="+", metavar="SPEC",
+                          help=".dssm files or folders (searched recursively)")
+    compile_.add_argument("-o", "--output", default="generated", metavar="DIR",
+                          help="output folder; spec subfolders are mirrored (default generated)")
+    compile_.add_argument("--check", action="store_true",
+                          help="write nothing; fail if a module on disk differs from the "
+                               "compiler's output")
+    compile_.set_defaults(run=_command_compile)
+
+    train = commands.add_parser("train", help="train a compiled spec on a data set")
+    train.add_argument("spec", metavar="SPEC")
+    train.add_argument("--dataset", required=True,
+                       help="jsb, nottingham, musedata, piano-midi or speech:DIR")
+    train.add_argument("--out", required=True, metavar="RUN", help="run directory")
+    train.add_argument("--epochs", type=int, help="passes over the training split")
+    train.add_argument("--batch-size", type=int, help="sequences per mini-batch (default 20)")
+    train.add_argument("--lr", type=float, help="Adam's learning rate (music 3e-4, speech 1e-3)")
+    train.add_argument("--clip-norm", type=float, help="gradient-norm clipping (default 10)")
+    train.add_argument("--anneal-epochs", type=int,
+                       help="epochs over which the KL annealing factor reaches 1 (default 100)")
+    train.add_argument("--min-anneal", type=float,
+                       help="first annealing factor (music 0.2, speech 0.001)")
+    train.add_argument("--guide", choices=("partial", "full"),
+                       help="guide alignment (default: the spec's, else full)")
+    train.add_argument("--iaf", type=int, metavar="LAYERS",
+                       help="IAF layers on the guide (default: the spec's flow, else 0)")
+    train.add_argument("--elbo", choices=("trace", "meanfield", "jit-trace", "jit-meanfield"),
+                       help="Trace_ELBO, TraceMeanField_ELBO or their JIT versions")
+    train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--device", help="cpu, cuda or auto (default auto)")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--no-test", action="store_true",
+                       help="skip evaluating the test split after training")
+    train.set_defaults(run=_command_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's best checkpoint")
+    evaluate.add_argument("run", metavar="RUN")
+    evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    evaluate.add_argument("--nll-samples", type=int, default=0, metavar="K",
+                          help="importance samples per sequence for the NLL (0: skip)")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda or auto")
+    evaluate.set_defaults(run=_command_eval)
+
+    sample = commands.add_parser("sample", help="sample a music run's prior to MIDI")
+    sample.add_argument("run", metavar="RUN")
+    sample.add_argument("--steps", type=int, default=64, help="time steps (default 64)")
+    sample.add_argument("--out", required=True, metavar="FILE.mid")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default=None, help="cpu, cuda or auto")
+    sample.set_defaults(run=_command_sample)
+
+    report = commands.add_parser("report", help="training curves and a table of runs")
+    report.add_argument("runs", nargs="+", metavar="RUN")
+    report.add_argument("--out", default="report", metavar="DIR",
+                        help="output folder (default report)")
+    report.set_defaults(run=_command_report)
+
+    data = commands.add_parser("data", help="manage data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    fetch = data_commands.add_parser("fetch", help="download a data set into the cache")
+    fetch.add_argument("name", help="jsb, nottingham, musedata or piano-midi")
+    fetch.set_defaults(run=_command_data_fetch)
 
     explore = commands.add_parser("explore", help="list cells and scaffold specs for them")
     explore_commands = explore.add_subparsers(dest="explore_command", required=True,
@@ -172,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
+    logging.captureWarnings(True)
     try:
         return args.run(args)
     except DssmError as error:
