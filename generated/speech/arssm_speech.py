@@ -1,0 +1,210 @@
+"""ArSSM_speech, compiled by dssm from specs/speech/arssm_speech.dssm.
+
+Cell AR-HMM(z<-z, x<-z, x<-x) ○ ◑ ●, known as: ArSSM.
+
+Generative process for t = 1..T; values before step 1 are learned parameters:
+    z[t] ~ Normal(transition(h1[t-1]))
+    h1[t] = gru(z[t], h1[t-1])
+    x[t] ~ Exponential(emission(h1[t], h2[t-1]))
+    h2[t] = gru(x[t], h2[t-1])
+
+Guide, by alignment:
+    partial: q(z[t] | z[t-1], x[1:T])
+    full:    q(z[t] | h1[t-1], h2[t-1], backward RNN over x[t:T]); exact factor p(z[t] | z[1:t-1], x[1:T])
+
+Generated code (generator version 1): edit the spec and run `dssm compile`.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+
+from runtime import blocks
+from runtime.sequences import PosteriorSequence, PriorSequence
+
+
+class States(NamedTuple):
+    """The deterministic states over all steps, each (batch, time, size)."""
+
+    h1: torch.Tensor
+    h2: torch.Tensor
+
+
+class ArSSM_speech(nn.Module):
+    """ArSSM_speech over padded batches: x (batch, time, x_dim) and a bool mask (batch, time).
+
+    :param int x_dim: width of x; the spec declares 513.
+    :param int z_dim: width of z; the spec declares 16.
+    :param str x_family: emission family: bernoulli, normal or exponential.
+    :param str guide: "partial" or "full" alignment.
+    :param tuple flow: (layers, hidden width) of an inverse autoregressive flow
+        on the guide, or None.
+    :param int mlp: hidden width of the transition, emission and their MLPs.
+    :param int inference: width of the guide's RNN over x.
+    """
+
+    spec = "specs/speech/arssm_speech.dssm"
+    cell = "AR-HMM(z<-z, x<-z, x<-x)"
+
+    def __init__(self, x_dim=513, z_dim=16, x_family="exponential", guide="full",
+                 flow=None, mlp=128, inference=128):
+        super().__init__()
+        if guide not in ("partial", "full"):
+            raise ValueError(f"guide must be 'partial' or 'full', not {guide!r}")
+        self.x_dim, self.z_dim, self.alignment = x_dim, z_dim, guide
+
+        # z[0]: the values read before step 1
+        self.z_0 = nn.Parameter(torch.zeros(z_dim))
+
+        # deterministic h1[t] = gru[128](z[t])  (spec line 9)
+        self.h1 = blocks.Recurrent("gru", z_dim, 128)
+
+        # deterministic h2[t] = gru[128](x[t])  (spec line 10)
+        self.h2 = blocks.Recurrent("gru", x_dim, 128)
+
+        # z[t] <- h1[t-1]  (spec line 12)
+        self.transition = blocks.GaussianHead(128, z_dim, mlp)
+        # x[t] <- h1[t], h2[t-1]  (spec line 13)
+        self.emission = blocks.Emission(x_family, 128 + 128, x_dim, mlp)
+
+        if guide == "partial":
+            # q(z[t] | z[t-1], x[1:T])
+            self.inference_rnn = blocks.InferenceRNN(x_dim, inference, bidirectional=True)
+            self.combiner = blocks.Combiner([z_dim], inference, z_dim)
+        else:
+            # q(z[t] | h1[t-1], h2[t-1], backward RNN over x[t:T]); exact factor p(z[t] | z[1:t-1], x[1:T])
+            self.inference_rnn = blocks.InferenceRNN(x_dim, inference, bidirectional=False)
+            self.combiner = blocks.Combiner([128, 128], inference, z_dim)
+        self.flow = blocks.InverseAutoregressiveFlow(z_dim, *flow) if flow else None
+
+    def _states(self, z, x):
+        """Run every deterministic state over the whole sequence at once."""
+        h1 = self.h1.sequence(z)
+        h2 = self.h2.sequence(x)
+        return States(h1, h2)
+
+    def _transition(self, z, x, states):
+        """Loc and scale of p(z[t] | h1[t-1]) for every t."""
+        return self.transition(blocks.shift(states.h1, 1, self.h1.h_0))
+
+    def _emission(self, z, x, states):
+        """p(x[t] | h1[t], h2[t-1]) for every t."""
+        return self.emission(torch.cat([states.h1, blocks.shift(states.h2, 1, self.h2.h_0)], dim=-1))
+
+    def model(self, x, mask, annealing_factor=1.0):
+        """The generative model p(x[1:T], z[1:T]), scored over all steps at once."""
+        pyro.module("arssm_speech", self)
+        batch, steps, _ = x.shape
+        x = blocks.zero_padding(x, mask)
+        states = blocks.StateCache(lambda z: self._states(z, x))
+
+        with pyro.plate("sequences", batch):
+            with poutine.scale(scale=annealing_factor):
+                z = pyro.sample("z", PriorSequence(
+                    params=lambda z: self._transition(z, x, states(z)),
+                    sampler=lambda: self._generate(batch, steps, x=x)[0],
+                    mask=mask, z_dim=self.z_dim))
+            p_x = self._emission(z, x, states(z))
+            pyro.sample("x", p_x.mask(mask[..., None]).to_event(2), obs=x)
+
+    def _generate(self, batch, steps, x=None):
+        """Draw z[1:T] and x[1:T] step by step; a given x is kept (teacher forcing)."""
+        z_steps, x_steps = [], []
+        h1_steps, h1_carry = [], None
+        h2_steps, h2_carry = [], None
+        for t in range(steps):
+            loc, scale = self.transition(blocks.at_step(h1_steps, t - 1, self.h1.h_0, batch))
+            z_steps.append(dist.Normal(loc, scale).rsample())
+            h1_t, h1_carry = self.h1.step(z_steps[t], h1_carry)
+            h1_steps.append(h1_t)
+            if x is None:
+                x_steps.append(self.emission(torch.cat([h1_steps[t], blocks.at_step(h2_steps, t - 1, self.h2.h_0, batch)], dim=-1)).sample())
+            else:
+                x_steps.append(x[:, t])
+            h2_t, h2_carry = self.h2.step(x_steps[t], h2_carry)
+            h2_steps.append(h2_t)
+        return torch.stack(z_steps, dim=1), torch.stack(x_steps, dim=1)
+
+    def guide(self, x, mask, annealing_factor=1.0):
+        """The guide q(z[1:T] | x[1:T]), drawn step by step under the chosen alignment."""
+        pyro.module("arssm_speech", self)
+        x = blocks.zero_padding(x, mask)
+        lengths = mask.sum(-1)
+
+        with pyro.plate("sequences", x.shape[0]):
+            with poutine.scale(scale=annealing_factor):
+                pyro.sample("z", PosteriorSequence(
+                    lambda: self._draw_posterior(x, lengths), mask, self.z_dim))
+
+    def _draw_posterior(self, x, lengths, use_mean=False):
+        """Return z[1:T], log q per step, and the Gaussian's loc and scale per step."""
+        if self.alignment == "partial":
+            return self._draw_partial(x, lengths, use_mean)
+        return self._draw_full(x, lengths, use_mean)
+
+    def _draw_partial(self, x, lengths, use_mean):
+        """Partial alignment: q(z[t] | z[t-1], x[1:T])."""
+        batch, steps, _ = x.shape
+        summaries = [summary.unbind(1) for summary in self.inference_rnn(x, lengths)]
+        z_steps, log_q, locs, scales = [], [], [], []
+        for t in range(steps):
+            loc, scale = self.combiner([blocks.at_step(z_steps, t - 1, self.z_0, batch)],
+                                       [summary[t] for summary in summaries])
+            z_t, log_q_t = blocks.draw_step(loc, scale, self.flow, use_mean)
+            z_steps.append(z_t)
+            log_q.append(log_q_t)
+            locs.append(loc)
+            scales.append(scale)
+        return (torch.stack(z_steps, dim=1), torch.stack(log_q, dim=1),
+                torch.stack(locs, dim=1), torch.stack(scales, dim=1), self.flow is not None)
+
+    def _draw_full(self, x, lengths, use_mean):
+        """Full alignment: q(z[t] | h1[t-1], h2[t-1], backward RNN over x[t:T])."""
+        batch, steps, _ = x.shape
+        summaries = [summary.unbind(1) for summary in self.inference_rnn(x, lengths)]
+        x_steps = x.unbind(1)
+        h2 = self.h2.sequence(x)
+        h2_steps = h2.unbind(1)
+        z_steps, log_q, locs, scales = [], [], [], []
+        h1_steps, h1_carry = [], None
+        for t in range(steps):
+            loc, scale = self.combiner([blocks.at_step(h1_steps, t - 1, self.h1.h_0, batch), blocks.at_step(h2_steps, t - 1, self.h2.h_0, batch)],
+                                       [summary[t] for summary in summaries])
+            z_t, log_q_t = blocks.draw_step(loc, scale, self.flow, use_mean)
+            z_steps.append(z_t)
+            log_q.append(log_q_t)
+            locs.append(loc)
+            scales.append(scale)
+            h1_t, h1_carry = self.h1.step(z_steps[t], h1_carry)
+            h1_steps.append(h1_t)
+        return (torch.stack(z_steps, dim=1), torch.stack(log_q, dim=1),
+                torch.stack(locs, dim=1), torch.stack(scales, dim=1), self.flow is not None)
+
+    @torch.no_grad()
+    def sample(self, num_sequences, steps):
+        """Draw x[1:steps] from the prior: unconditional generation."""
+        return self._generate(num_sequences, steps)[1]
+
+    @torch.no_grad()
+    def reconstruct(self, x, mask, num_samples=1):
+        """Mean of x[t] given the guide's z, with x teacher-forced.
+
+        Without a flow z is the guide's mean path; with one, the emission
+        means of num_samples draws are averaged.
+        """
+        x = blocks.zero_padding(x, mask)
+        lengths = mask.sum(-1)
+        if self.flow is None:
+            draws = [self._draw_posterior(x, lengths, use_mean=True)[0]]
+        else:
+            draws = [self._draw_posterior(x, lengths)[0] for _ in range(num_samples)]
+        means = [self._emission(z, x, self._states(z, x)).mean for z in draws]
+        return torch.stack(means).mean(0)
+
+
+Model = ArSSM_speech
