@@ -157,7 +157,11 @@ def _command_train(args: argparse.Namespace) -> int:
 def _command_eval(args: argparse.Namespace) -> int:
     from runtime.runs import evaluate_saved_run
 
-    result = evaluate_saved_run(args.run, split=args.split, nll_samples=args.nll_samples,
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = evaluate_saved_run(args.run_dir, split=args.split, nll_samples=args.nll_samples,
                                 device=args.device)
     print(f"{args.split} negative ELBO per step: {result.neg_elbo_per_step:.4f}")
     if result.nll_per_step is not None:
@@ -169,8 +173,26 @@ def _command_eval(args: argparse.Namespace) -> int:
 def _command_sample(args: argparse.Namespace) -> int:
     from runtime.runs import sample_run
 
-    for path in sample_run(args.run, args.steps, args.out, seed=args.seed, device=args.device):
+    for path in sample_run(args.run_dir, args.steps, args.out, seed=args.seed, device=args.device):
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _command_resynth(args: argparse.Namespace) -> int:
+    from runtime.resynth import resynthesize_run
+
+    result = resynthesize_run(args.run_dir, args.audio, args.out, split=args.split,
+                              limit=args.limit, device=args.device)
+    count = len(result.files)
+    print(f"wrote {count} WAV files, {count} PNG files and {result.scores.name} to "
+          f"{result.output}", file=sys.stderr)
+    for key, label in (("sisdr_db", "SI-SDR (dB)"), ("pesq", "PESQ"), ("estoi", "ESTOI")):
+        figures = result.statistics[key]
+        if figures["mean"] is None:
+            print(f"{args.split} {label}: not computed")
+        else:
+            print(f"{args.split} {label}: mean {figures['mean']:.3f}, median "
+                  f"{figures['median']:.3f} over {figures['files']} files")
     return 0
 
 
@@ -255,20 +277,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_command_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's best checkpoint")
-    evaluate.add_argument("run", metavar="RUN")
+    evaluate.add_argument("run_dir", metavar="RUN")
     evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
     evaluate.add_argument("--nll-samples", type=int, default=0, metavar="K",
                           help="importance samples per sequence for the NLL (0: skip)")
     evaluate.add_argument("--device", default=None, help="cpu, cuda or auto")
+    evaluate.add_argument("--threads", type=int, help="torch CPU threads")
     evaluate.set_defaults(run=_command_eval)
 
     sample = commands.add_parser("sample", help="sample a music run's prior to MIDI")
-    sample.add_argument("run", metavar="RUN")
+    sample.add_argument("run_dir", metavar="RUN")
     sample.add_argument("--steps", type=int, default=64, help="time steps (default 64)")
     sample.add_argument("--out", required=True, metavar="FILE.mid")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None, help="cpu, cuda or auto")
     sample.set_defaults(run=_command_sample)
+
+    resynth = commands.add_parser(
+        "resynth", help="resynthesise held-out speech through a speech run and score it",
+        description="Reconstruct each file's whole power spectrogram with the run's model "
+                    "(teacher forcing), invert it with the original phase, and write a "
+                    "16 kHz WAV and a mel spectrogram PNG per file, and scores.csv, into "
+                    "--out. The run's summary.json gets the keys sisdr_db, pesq and estoi, "
+                    "each {\"mean\": ..., \"median\": ..., \"files\": N}. There N counts "
+                    "the files with that score, and mean and median are null when none has "
+                    "one. The key resynth records the audio folder, split, file count and "
+                    "seconds. PESQ (wide band) and ESTOI need 'pip install -e .[speech]'.")
+    # Not dest "run": that attribute stores the subcommand's handler.
+    resynth.add_argument("run_dir", metavar="RUN", help="run directory of a speech run")
+    resynth.add_argument("--audio", required=True, metavar="DIR",
+                         help="folder of .flac or .wav files, split by speaker as in training")
+    resynth.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    resynth.add_argument("--split", default="test", choices=("train", "valid", "test"),
+                         help="which split of --audio to resynthesise (default test)")
+    resynth.add_argument("--limit", type=int, default=None, metavar="N",
+                         help="resynthesise only the split's first N files")
+    resynth.add_argument("--device", default=None, help="cpu, cuda or auto")
+    resynth.set_defaults(run=_command_resynth)
 
     report = commands.add_parser("report", help="training curves and a table of runs")
     report.add_argument("runs", nargs="+", metavar="RUN")
