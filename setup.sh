@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up dssm on a fresh machine: Graphviz's `dot` (where a package manager
 # and the rights for it exist), the CPU build of torch, then the package
-# itself in editable mode with its test extras.
+# itself in editable mode with its test and speech extras.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,4 +19,6 @@ if ! command -v dot >/dev/null 2>&1; then
 fi
 
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[test]"
+# The speech extras (pesq, pystoi) score `dssm resynth`. pesq builds from
+# source, so it needs a C compiler and the Python headers.
+python3 -m pip install -q -e ".[test,speech]"
