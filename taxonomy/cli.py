@@ -196,6 +196,34 @@ def _command_resynth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_sweep(args: argparse.Namespace) -> int:
+    from runtime.sweep import run_sweep
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    options = {"batch_size": args.batch_size, "lr": args.lr,
+               "anneal_epochs": args.anneal_epochs, "device": args.device,
+               "threads": args.threads}
+    result = run_sweep(args.specs, args.dataset, args.out, epochs=args.epochs, seeds=args.seeds,
+                       guides=args.guide, iafs=args.iaf, workers=args.workers,
+                       engine=args.engine, address=args.address, options=options,
+                       report=report)
+    for path in result.files:
+        print(f"wrote {path}", file=sys.stderr)
+    print((result.output / "leaderboard.md").read_text(encoding="utf-8"))
+    return 1 if result.failed else 0
+
+
+def _comma_list(convert):
+    def parse(text: str) -> list:
+        try:
+            return [convert(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid list '{text}'") from None
+    return parse
+
+
 def _command_report(args: argparse.Namespace) -> int:
     from runtime.report import report
 
@@ -314,6 +342,40 @@ def build_parser() -> argparse.ArgumentParser:
                          help="resynthesise only the split's first N files")
     resynth.add_argument("--device", default=None, help="cpu, cuda or auto")
     resynth.set_defaults(run=_command_resynth)
+
+    sweep = commands.add_parser(
+        "sweep", help="train specs x options x seeds; write a leaderboard and a coloured hierarchy",
+        description="Train every combination of specs, guide alignments, IAF layer counts and "
+                    "seeds into OUT/runs/<spec>-<guide>-iaf<k>-seed<s>/, then write "
+                    "leaderboard.csv, leaderboard.md, hierarchy.svg and hierarchy.png into OUT. "
+                    "Run the same command again to resume: finished runs are skipped, and "
+                    "interrupted runs continue from their last checkpoint. A failed run is "
+                    "recorded in the leaderboard and the exit status is 1.")
+    sweep.add_argument("specs", nargs="+", metavar="SPEC",
+                       help=".dssm files or folders (searched recursively)")
+    sweep.add_argument("--dataset", required=True,
+                       help="jsb, nottingham, musedata, piano-midi, speech:DIR or "
+                            "synthetic:SPEC?n=200&T=40&seed=0")
+    sweep.add_argument("--epochs", type=int, required=True, help="passes over the training split")
+    sweep.add_argument("--seeds", type=int, default=3,
+                       help="seeds per setting, numbered from 0 (default 3)")
+    sweep.add_argument("--guide", type=_comma_list(str), metavar="LIST",
+                       help="guide alignments, e.g. partial,full (default: each spec's own)")
+    sweep.add_argument("--iaf", type=_comma_list(int), metavar="LIST",
+                       help="IAF layer counts, e.g. 0,3 (default: each spec's flow, else 0)")
+    sweep.add_argument("--workers", type=int, default=1, help="runs trained at once (default 1)")
+    sweep.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local processes, or Ray tasks (needs pip install 'dssm[ray]')")
+    sweep.add_argument("--address", metavar="ADDR",
+                       help="the Ray cluster to join (default: start a local Ray instance)")
+    sweep.add_argument("--out", required=True, metavar="DIR", help="the sweep folder")
+    sweep.add_argument("--batch-size", type=int, help="sequences per mini-batch (default 20)")
+    sweep.add_argument("--lr", type=float, help="Adam's learning rate (music 3e-4, speech 1e-3)")
+    sweep.add_argument("--anneal-epochs", type=int,
+                       help="epochs over which the KL annealing factor reaches 1 (default 100)")
+    sweep.add_argument("--device", help="cpu, cuda or auto (default auto)")
+    sweep.add_argument("--threads", type=int, help="torch CPU threads per run (default 1)")
+    sweep.set_defaults(run=_command_sweep)
 
     report = commands.add_parser("report", help="training curves and a table of runs")
     report.add_argument("runs", nargs="+", metavar="RUN")
