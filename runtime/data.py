@@ -2,7 +2,9 @@
 
 `load_dataset(name)` returns a `Dataset` with train, valid and test splits, each a
 `SequenceData`. Music sets (piano rolls, 88 binary keys) are read by
-`runtime.music`, speech (power spectrograms, 513 bins) by `runtime.speech`.
+`runtime.music`, speech (power spectrograms, 513 bins) by `runtime.speech`,
+and `synthetic:SPEC?n=..&T=..&seed=..` draws sequences from a randomly
+initialised compiled spec (`runtime.synthetic`).
 
 Files are looked for in `$DSSM_DATA_DIR`, then in the cache directory
 (`$DSSM_CACHE_DIR`, else `$XDG_CACHE_HOME/dssm`, else `~/.cache/dssm`), which
@@ -27,6 +29,7 @@ log = logging.getLogger("dssm.data")
 
 MUSIC_NAMES = ("jsb", "nottingham", "musedata", "piano-midi")
 SPEECH_PREFIX = "speech:"
+SYNTHETIC_PREFIX = "synthetic:"
 
 
 class DataError(DssmError):
@@ -215,7 +218,8 @@ class Dataset:
 
 
 def load_dataset(name: str) -> Dataset:
-    """Load a data set by name: "jsb", "nottingham", "musedata", "piano-midi" or "speech:DIR".
+    """Load a data set by name: "jsb", "nottingham", "musedata", "piano-midi", "speech:DIR"
+    or "synthetic:SPEC?n=200&T=40&seed=0".
 
     Raises DataError when the name is unknown or the data cannot be read.
     """
@@ -227,12 +231,17 @@ def load_dataset(name: str) -> Dataset:
             raise DataError("'speech:' needs a folder of audio files, e.g. speech:data/librispeech")
         return load_speech(directory)
 
+    if name.startswith(SYNTHETIC_PREFIX):
+        from runtime.synthetic import load_synthetic_name
+
+        return load_synthetic_name(name)
+
     if name in MUSIC_NAMES:
         from runtime.music import load_music
 
         return load_music(name)
 
-    known = ", ".join(MUSIC_NAMES) + ", speech:DIR"
+    known = ", ".join(MUSIC_NAMES) + ", speech:DIR, synthetic:SPEC"
     close = difflib.get_close_matches(name.lower(), MUSIC_NAMES, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise DataError(f"unknown data set '{name}'.{hint} Known data sets: {known}.")

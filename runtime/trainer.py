@@ -57,7 +57,8 @@ FAMILY_DEFAULTS = {
     "speech": {"lr": 1e-3, "min_anneal": 0.001},
 }
 # `Dataset.family` names the emission family; each belongs to one data family.
-EMISSION_FAMILIES = {"bernoulli": "music", "exponential": "speech"}
+# Real-valued data (synthetic:SPEC with a normal emission) takes the speech defaults.
+EMISSION_FAMILIES = {"bernoulli": "music", "exponential": "speech", "normal": "speech"}
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
