@@ -44,10 +44,12 @@ def load_synthetic(spec: str | Path, sequences: int = DEFAULT_SEQUENCES,
 
     The model is built with the sizes and emission family the spec declares.
     The sequences are split 80/10/10 into train, valid and test in the order
-    drawn, with at least one sequence in each split. The same spec, sizes and
-    seed give the same data with the same torch build on the same kind of CPU:
-    drawing runs on one thread under its own random state, so neither torch's
-    thread count nor the caller's random state changes it.
+    drawn, with at least one sequence in each split. Drawing runs on one thread
+    under its own random state, so neither torch's thread count nor the
+    caller's random state changes the data.
+
+    NOTE: the same spec, sizes and seed give the same data with the same torch
+    build on the same kind of CPU. Other builds or CPUs may round differently.
 
     :param spec: the .dssm file of the generating model.
     :param int sequences: the number of sequences over all three splits (at least 3).

@@ -53,7 +53,7 @@ def test_synthetic_data_repeats_with_its_seed(tmp_path):
     assert not np.array_equal(first.train.steps, other.train.steps)
 
 
-def test_synthetic_data_ignores_thread_count_and_keeps_global_rng(tmp_path):
+def test_synthetic_data_keeps_caller_state(tmp_path):
     spec = write_spec(tmp_path, "tiny", family="normal")
     threads = torch.get_num_threads()
     reference = load_synthetic(spec, sequences=4, steps=3, seed=1).train.steps
