@@ -12,6 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pyro
 import torch
 
 from runtime.data import load_dataset
@@ -96,6 +97,9 @@ def train_spec(spec: str, dataset: str, run_dir: str, options: dict, evaluate_te
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    # Seeded here, so the initial parameters depend on the seed and on nothing
+    # this process ran before (the trainer seeds again for its own draws).
+    pyro.set_rng_seed(config.seed)
     model = factory(config, data.x_dim)
     train(model, data, config, run, progress=progress)
     if evaluate_test:
