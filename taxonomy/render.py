@@ -37,6 +37,9 @@ OBSERVED_FILL = "#c8c8c8"
 BASE_MODELS_FILL = "#fcefc7"  # the pale yellow of the base-model box in that figure
 CELLS_FILL = "#fbe3cc"        # the pale orange of its cell box
 HIGHLIGHT_FILL = "#8fc1e3"
+SCORE_COLOURMAP = "YlGnBu"    # matplotlib's colour map for scores: pale is high, dark is low
+SCORE_COLOUR_RANGE = (0.15, 0.95)  # the part of the map used, so no score looks white
+SCORE_LEGEND_STEPS = 9        # swatches in the legend's colour bar
 FUTURE_COLOUR = "#b03a2e"
 
 NODE_STYLES = {
@@ -67,15 +70,19 @@ def draw_spec(spec_path: str | os.PathLike, output_path: str | os.PathLike,
 
 
 def draw_taxonomy(output_path: str | os.PathLike,
-                  specs: Iterable[str | os.PathLike] | None = None) -> None:
+                  specs: Iterable[str | os.PathLike] | None = None,
+                  scores: dict[Cell, float] | None = None, score_label: str = "score") -> None:
     """Draw the four groups and their cells as lattices, highlighting the cells of `specs`.
 
     `specs` lists spec files and folders (searched recursively for *.dssm).
-    Specs that do not check are skipped with a warning.
+    Specs that do not check are skipped with a warning. With `scores`, each
+    cell that has a score is filled on a colour scale (darker is lower) and
+    shows the value, every other cell is white, and the legend contains a colour
+    bar titled `score_label`.
     """
     suffix = _output_suffix(output_path)
     found = cells_of_specs(specs) if specs else {}
-    _write(taxonomy_diagram(found), output_path, suffix)
+    _write(taxonomy_diagram(found, scores, score_label), output_path, suffix)
 
 
 # ---------------------------------------------------------------- one spec
@@ -234,24 +241,28 @@ def _spec_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def taxonomy_diagram(found: dict[Cell, list[str]] | None = None):
+def taxonomy_diagram(found: dict[Cell, list[str]] | None = None,
+                     scores: dict[Cell, float] | None = None, score_label: str = "score"):
     """Return the graphviz.Digraph of the hierarchy.
 
     The four base models sit on top, each drawn as its three-step graph. Below
     each, its cells form a Hasse diagram: an edge joins two cells when the lower
     one relaxes exactly one edge fewer. `found` maps cells to the model names of
-    the specs that highlight them. A finite-order cell is drawn only when it has
-    specs, and dashed edges join it to the paper cells on either side of it.
+    the specs that highlight them. `scores` colours cells in place of the
+    highlight (see `draw_taxonomy`). A finite-order cell is drawn only when it
+    has specs or a score, and dashed edges join it to the paper cells on either
+    side of it.
     """
     graphviz = _import_graphviz()
     found = found or {}
+    fills = _CellFills(found, scores)
     diagram = graphviz.Digraph("taxonomy", engine="dot",
                                comment="the DSSM hierarchy: render with `dot -Tsvg`")
     # remincross=false: the final crossing pass of dot 2.43 can reverse the flat
     # edges that order each row, so rows would read differently per group.
     diagram.attr(newrank="true", remincross="false", nodesep="0.18", ranksep="0.42",
                  pad="0.25", fontname=TEXT_FONT, fontsize="13", labelloc="b",
-                 label=_legend(found))
+                 label=_legend(found, fills, score_label))
     diagram.attr("node", fontname=TEXT_FONT, fontsize="11")
     diagram.attr("edge", arrowsize="0.6", penwidth="0.9", color="#555555")
 
@@ -259,22 +270,24 @@ def taxonomy_diagram(found: dict[Cell, list[str]] | None = None):
         top.attr(label="", style="rounded,filled", fillcolor=BASE_MODELS_FILL,
                  color="#c9a227", margin="10")
         for group in GROUPS:
-            _draw_base_model(top, group, found.get(Cell.paper(group, ()), []))
+            _draw_base_model(top, group, found.get(Cell.paper(group, ()), []), fills)
 
     edges = []
     for group in GROUPS:
         cells = [cell for cell in paper_cells(group) if cell.relaxed]
-        finite = sorted(cell for cell in found if cell.group == group and not cell.is_paper_cell)
+        finite = sorted(cell for cell in {*found, *fills.scores}
+                        if cell.group == group and not cell.is_paper_cell)
         with diagram.subgraph(name=f"cluster_{_slug(group)}") as cluster:
             cluster.attr(label=f"{group}: {len(cells) + 1} cells", labelloc="b",
                          style="rounded,filled", fillcolor=CELLS_FILL, color="#d08c4a",
                          fontname=TEXT_FONT, fontsize="12", margin="8")
             for size in range(1, len(GROUP_EDGES[group]) + 1):
                 row = [cell for cell in cells if len(cell.relaxed) == size]
-                _draw_cell_row(cluster, row, found)
+                _draw_cell_row(cluster, row, found, fills)
             for cell in finite:
-                cluster.node(taxonomy_node_id(cell), label=_cell_label(cell, found.get(cell)),
-                             **_cell_style(cell, cell in found))
+                cluster.node(taxonomy_node_id(cell),
+                             label=_cell_label(cell, found.get(cell), fills.scores.get(cell)),
+                             **_cell_style(cell, fills))
         edges += _lattice_edges(cells, finite)
 
     for lower, upper, attributes in edges:
@@ -291,7 +304,7 @@ def taxonomy_node_id(cell: Cell) -> str:
     return cell_file_stem(cell)
 
 
-def _draw_base_model(top, group: str, spec_names: list[str]) -> None:
+def _draw_base_model(top, group: str, spec_names: list[str], fills: _CellFills) -> None:
     """Draw the base model's graph over three steps, with its cell node beneath."""
     prefix = _slug(group)
     autoregression = "x<-x" in GROUP_EDGES[group]
@@ -322,21 +335,23 @@ def _draw_base_model(top, group: str, spec_names: list[str]) -> None:
         lines = [f"<B>{escape(group)}</B>"]
         lines += [f"<I>{escape(name)}</I>" for name in known]
         lines += _spec_name_lines([name for name in spec_names if name not in cell.known_as])
+        lines += _score_lines(fills.scores.get(cell))
         box.node(taxonomy_node_id(cell), label="<" + "<BR/>".join(lines) + ">", shape="box",
                  tooltip=cell.label, fixedsize="false", style="rounded,filled",
-                 fontname=TEXT_FONT, fontsize="12", margin="0.08,0.03",
-                 fillcolor=HIGHLIGHT_FILL if spec_names else "white")
+                 fontname=TEXT_FONT, fontsize="12", margin="0.08,0.03", **fills.of(cell))
         # Keep the cell node under the middle step of the drawing.
         box.edge(f"{prefix}_x2", taxonomy_node_id(cell), style="invis", weight="10")
 
 
-def _draw_cell_row(cluster, row: list[Cell], found: dict[Cell, list[str]]) -> None:
+def _draw_cell_row(cluster, row: list[Cell], found: dict[Cell, list[str]],
+                   fills: _CellFills) -> None:
     """Draw the cells that relax the same number of edges on one rank, in EDGES order."""
     with cluster.subgraph(name=f"{taxonomy_node_id(row[0])}_row") as rank:
         rank.attr(rank="same")
         for cell in row:
-            rank.node(taxonomy_node_id(cell), label=_cell_label(cell, found.get(cell)),
-                      **_cell_style(cell, cell in found))
+            rank.node(taxonomy_node_id(cell),
+                      label=_cell_label(cell, found.get(cell), fills.scores.get(cell)),
+                      **_cell_style(cell, fills))
         # Invisible edges fix the left-to-right order, so every group reads alike.
         for left, right in zip(row, row[1:]):
             rank.edge(taxonomy_node_id(left), taxonomy_node_id(right), style="invis")
@@ -362,7 +377,7 @@ def _lattice_edges(cells: list[Cell], finite: list[Cell]) -> list[tuple[Cell, Ce
     return edges
 
 
-def _cell_label(cell: Cell, spec_names: list[str] | None) -> str:
+def _cell_label(cell: Cell, spec_names: list[str] | None, score: float | None = None) -> str:
     if cell.is_paper_cell:
         edges = ", ".join(cell.relaxed)
     else:
@@ -372,6 +387,7 @@ def _cell_label(cell: Cell, spec_names: list[str] | None) -> str:
         lines.append(cell.markers)
     lines += [f"<I>{escape(name)}</I>" for name in cell.known_as]
     lines += _spec_name_lines([name for name in spec_names or [] if name not in cell.known_as])
+    lines += _score_lines(score)
     return "<" + "<BR/>".join(lines) + ">"
 
 
@@ -385,24 +401,80 @@ def _spec_name_lines(names: list[str]) -> list[str]:
     return [f'<FONT POINT-SIZE="10">{line}</FONT>' for line in lines]
 
 
-def _cell_style(cell: Cell, highlighted: bool) -> dict[str, str]:
+def _score_lines(score: float | None) -> list[str]:
+    return [] if score is None else [f"<B>{score:.3f}</B>"]
+
+
+def _cell_style(cell: Cell, fills: _CellFills) -> dict[str, str]:
     style = "rounded,filled" if cell.is_paper_cell else "rounded,filled,dashed"
     return {"shape": "box", "style": style, "margin": "0.08,0.03", "tooltip": cell.label,
-            "fillcolor": HIGHLIGHT_FILL if highlighted else "white"}
+            **fills.of(cell)}
 
 
-def _legend(found: dict[Cell, list[str]]) -> str:
+class _CellFills:
+    """The fill of each cell: the highlight of `found`, or a colour scale over `scores`."""
+
+    def __init__(self, found: dict[Cell, list[str]], scores: dict[Cell, float] | None):
+        self.found = found
+        self.coloured = scores is not None
+        self.scores = {cell: float(value) for cell, value in (scores or {}).items()}
+        values = self.scores.values()
+        self.low, self.high = (min(values), max(values)) if values else (0.0, 0.0)
+
+    def of(self, cell: Cell) -> dict[str, str]:
+        """Return the fillcolor, and a fontcolor readable on it, of `cell`."""
+        if not self.coloured:
+            return {"fillcolor": HIGHLIGHT_FILL if cell in self.found else "white"}
+        if cell not in self.scores:
+            return {"fillcolor": "white"}
+        return self.colour(self.scores[cell])
+
+    def colour(self, value: float) -> dict[str, str]:
+        """Return the fill and font colours of a score: the darkest is the lowest score."""
+        from matplotlib import colormaps
+        from matplotlib.colors import to_hex
+
+        share = 0.0 if self.high == self.low else (value - self.low) / (self.high - self.low)
+        start, stop = SCORE_COLOUR_RANGE
+        red, green, blue, _ = colormaps[SCORE_COLOURMAP](stop - share * (stop - start))
+        # Relative luminance (ITU-R BT.709 weights): dark fills get white text.
+        luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
+        return {"fillcolor": to_hex((red, green, blue)),
+                "fontcolor": "white" if luminance < 0.45 else "black"}
+
+    def colour_bar(self, label: str) -> str:
+        """Return an HTML-like table: `label`, the lowest score, swatches, the highest."""
+        if not self.scores:
+            return f"{escape(label)}: no cell has a score"
+        steps = SCORE_LEGEND_STEPS if self.high > self.low else 1
+        values = [self.low + (self.high - self.low) * i / max(steps - 1, 1) for i in range(steps)]
+        swatches = "".join(f'<TD BGCOLOR="{self.colour(value)["fillcolor"]}" WIDTH="22" '
+                           'HEIGHT="14"> </TD>' for value in values)
+        return (f'<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="2"><TR>'
+                f"<TD>{escape(label)}:&nbsp;&nbsp;{self.low:.3f}</TD>{swatches}"
+                f"<TD>{self.high:.3f}</TD><TD>&nbsp;&nbsp;white: no score</TD></TR></TABLE>")
+
+
+def _legend(found: dict[Cell, list[str]], fills: _CellFills | None = None,
+            score_label: str = "score") -> str:
     gap = "&nbsp;" * 6
     markers = gap.join(f"{kind.marker} {escape(kind.edge)} relaxed ({kind.name})"
                        for kind in EDGE_KINDS.values())
     notes = ["each group counts its base model (top) among its cells",
              "<I>italic</I>: known model"]
-    if found:
+    coloured = fills is not None and fills.coloured
+    if found and not coloured:
         notes.append(f'<FONT COLOR="{HIGHLIGHT_FILL}">■</FONT> <B>bold</B>: '
                      "model names of the specs in the cell")
-    if any(not cell.is_paper_cell for cell in found):
+    elif found:
+        notes.append("<B>bold</B>: model names of the specs in the cell")
+    if any(not cell.is_paper_cell for cell in {*found, *(fills.scores if fills else {})}):
         notes.append("dashed: finite-order cell")
-    return f"<{markers}<BR/>{gap.join(notes)}>"
+    if not coloured:
+        return f"<{markers}<BR/>{gap.join(notes)}>"
+    # An HTML-like label is text or one table, so the colour bar needs a table around both.
+    return (f'<<TABLE BORDER="0" CELLSPACING="0"><TR><TD>{markers}<BR/>{gap.join(notes)}</TD>'
+            f"</TR><TR><TD>{fills.colour_bar(score_label)}</TD></TR></TABLE>>")
 
 
 def _slug(group: str) -> str:
