@@ -47,7 +47,8 @@ def model_factory(spec_path: str | Path, data_family: str):
     def build(config: TrainConfig, x_dim: int):
         defaults = inspect.signature(module.Model).parameters
         spec_family, spec_flow = defaults["x_family"].default, defaults["flow"].default
-        width = spec_flow[1] if spec_flow else DEFAULT_IAF_WIDTH
+        # An autoregressive layer needs a hidden width of at least the latent dimension.
+        width = spec_flow[1] if spec_flow else max(DEFAULT_IAF_WIDTH, defaults["z_dim"].default)
         return module.Model(x_dim=x_dim, x_family=emission_family(spec_family, data_family),
                             guide=config.guide, flow=(config.iaf, width) if config.iaf else None)
 

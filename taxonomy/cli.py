@@ -424,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     except DssmError as error:
         _print_error(error)
         return 1
+    except OSError as error:
+        # Output paths are user input too: a folder where a file should go,
+        # a file where a folder should go, a read-only location.
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

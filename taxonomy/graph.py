@@ -33,6 +33,18 @@ DEFAULT_SIZES = {
 }
 DEFAULT_FLOW = (3, 20)  # IAF layers and hidden width when `flow iaf` gives no sizes
 RESERVED = set(KEYWORDS) | {"t", "all"}
+# Names the generated module uses itself: imports, its classes, method
+# arguments and loop variables. A spec variable with one of them would shadow it.
+GENERATED_NAMES = {
+    "torch", "nn", "pyro", "dist", "poutine", "blocks", "NamedTuple", "PriorSequence",
+    "PosteriorSequence", "States", "Model", "self", "batch", "steps", "mask", "lengths",
+    "states", "summaries", "summary", "loc", "scale", "log_q", "locs", "scales", "draws",
+    "means", "num_samples", "num_sequences", "use_mean", "annealing_factor", "x_dim",
+    "z_dim", "x_family", "guide", "flow", "mlp", "inference", "super",
+}
+# Suffixes the generated code appends to a variable's name (initial value,
+# per-step lists, RNN carries, values at step t).
+GENERATED_SUFFIXES = ("_0", "_steps", "_carry", "_t")
 # The checker unrolls a model over about 4 * MAX_LAG steps, and its d-separation
 # queries take time roughly cubic in the largest lag (about 6 s for lag 50 on a
 # 2-core machine). So finite lags stop here, and longer memory is a whole history.
@@ -206,6 +218,15 @@ def build_graph(spec: Spec) -> ModelGraph:
                        span=state.span)
         graph.add_edge(state.name, state.name, lags=LagSet(frozenset({1})), references=[])
 
+    for name, span in declared.items():
+        for suffix in GENERATED_SUFFIXES:
+            base = name[:-len(suffix)]
+            if name.endswith(suffix) and base in declared:
+                raise model.error(
+                    f"variable name '{name}' clashes with the compiled code's name for "
+                    f"'{base}' ({suffix} is added to '{base}' there)", span,
+                    hint=f"choose another name, e.g. '{base}{suffix.replace('_', '')}'")
+
     if not model.latents:
         raise model.error("no latent variable is declared", None,
                           hint="declare one, e.g. `latent z : normal[16]`")
@@ -304,6 +325,9 @@ def name_problem(name: str) -> tuple[str, str] | None:
     if name.startswith("__"):
         return ("starts with a double underscore",
                 f"choose another name, e.g. '{name.lstrip('_') or 'name'}'")
+    if name in GENERATED_NAMES:
+        return ("is a name the compiled module uses itself",
+                f"choose another name, e.g. '{name}_'")
     return None
 
 
@@ -335,6 +359,15 @@ def _apply_settings(model: ModelGraph) -> None:
                 raise model.error("`flow iaf` takes two positive integers: layers and hidden "
                                   "width", setting.span, hint="e.g. `flow iaf[3, 20]`")
             model.flow = (setting.values[0], setting.values[1])
+            latent_dims = [data["dim"] for _, data in model.graph.nodes(data=True)
+                           if data["kind"] == "latent"]
+            if latent_dims and model.flow[1] < max(latent_dims):
+                raise model.error(
+                    f"the IAF's hidden width {model.flow[1]} is below the latent dimension "
+                    f"{max(latent_dims)}", setting.span,
+                    hint=f"each autoregressive layer needs a hidden width of at least the "
+                         f"latent dimension: write `flow iaf[{model.flow[0]}, "
+                         f"{max(latent_dims)}]` or larger")
         elif setting.keyword == "size":
             if setting.name not in DEFAULT_SIZES:
                 raise model.error(f"unknown size '{setting.name}'", setting.name_span,

@@ -402,10 +402,11 @@ def _structural_reasons(model: ModelGraph) -> list[OutsideReason]:
         path = " -> ".join(f"{parent}[t]" for parent, _ in cycle) + f" -> {cycle[0][0]}[t]"
         parent, child = cycle[-1]
         span = next((ref.span for ref in same_step.edges[parent, child]["references"]
-                     if ref.newest == 0 or ref.oldest is None or ref.oldest >= 0), None)
-        reasons.append(OutsideReason(
-            "cycle-within-step", f"a cycle within one step: {path}", span,
-            hint="break the cycle by reading one of these at t-1"))
+                     if 0 in LagSet.span(ref.oldest, ref.newest)), None)
+        hint = (f"read {parent}[t-1] instead of {parent}[t]" if len(cycle) == 1 else
+                "break the cycle by reading one of these at t-1")
+        reasons.append(OutsideReason("cycle-within-step", f"a cycle within one step: {path}",
+                                     span, hint=hint))
     return reasons
 
 
