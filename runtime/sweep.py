@@ -45,6 +45,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from runtime.data import load_dataset
 from runtime.trainer import LAST_CHECKPOINT, SUMMARY_FILE
 from taxonomy.errors import DssmError, SpecError
 from taxonomy.writing import write_text_atomically
@@ -352,12 +353,17 @@ def run_sweep(specs: list[str], dataset: str, output: str, *, epochs: int,
         anneal_epochs, device, threads); threads defaults to 1 per run.
     :param report: called with one line per finished run, e.g. `print`.
     :raises SweepError: for invalid options, missing specs, or an --out folder
-        holding a sweep with other training options.
+        containing a sweep with other training options.
+    :raises DataError: when `dataset` cannot be loaded (checked only without `address`).
     """
     _check_arguments(epochs, seeds, guides, iafs, workers, engine, address)
     if engine == "ray":
         import_ray(local=address is None)
     spec_files = collect_spec_files(specs)
+    if address is None:
+        # A misspelt data set fails here once, not once per run. A cluster's
+        # data may exist only on its nodes, so a cluster sweep skips this check.
+        load_dataset(dataset)
     runs = plan_runs(spec_files, guides, iafs, list(range(seeds)))
     training = {"threads": 1, **{key: value for key, value in (options or {}).items()
                                  if value is not None}, "epochs": epochs}

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from runtime import sweep
+from runtime.data import DataError
 from runtime.sweep import SweepError, SweepRun, leaderboard_rows, run_sweep
 from taxonomy.cli import main
 from taxonomy.hierarchy import parse_cell
@@ -30,6 +31,8 @@ TINY_SPECS = {
     "tiny_rssm": "z[t] <- z[1:t-1]\nx[t] <- z[1:t]\n",
 }
 DATASET = "synthetic:specs/tiny_hmm.dssm?n=6&T=4&seed=0"
+# No z[t] <- z[t-1]: outside the hierarchy, so training it fails.
+STATIC_SPEC = "model static\nlatent z : normal[2]\nobserved x : bernoulli[4]\nx[t] <- z[t]\n"
 
 
 def write_spec(folder: Path, name: str, dependencies: str) -> str:
@@ -193,8 +196,7 @@ def test_resume_rejects_changed_epochs(specs):
 
 def test_failed_run_is_recorded_and_sweep_continues(specs):
     outside = Path("specs/static.dssm")
-    outside.write_text("model static\nlatent z : normal[2]\nobserved x : bernoulli[4]\n"
-                       "x[t] <- z[t]\n", encoding="utf-8")
+    outside.write_text(STATIC_SPEC, encoding="utf-8")
 
     result = sweep_tiny([*specs, str(outside)])
 
@@ -295,6 +297,38 @@ def test_specs_sharing_a_stem_raise(specs):
 
     with pytest.raises(SweepError, match="would share the run names tiny_hmm"):
         sweep_tiny(["specs"])
+
+
+def test_unknown_dataset_raises_before_training(specs):
+    with pytest.raises(DataError, match="unknown data set 'jbs'"):
+        run_sweep(specs, "jbs", "sweep", epochs=1)
+    assert not Path("sweep").exists()
+
+
+def test_sweep_command_prints_leaderboard(specs, capsys):
+    code = main(["sweep", specs[0], "--dataset", DATASET, "--epochs", "1", "--seeds", "1",
+                 "--guide", "partial,full", "--iaf", "0", "--batch-size", "5",
+                 "--out", "sweep"])
+
+    output = capsys.readouterr()
+    assert code == 0
+    assert output.out.startswith(f"# Leaderboard: {DATASET}")
+    assert "| tiny_hmm | partial, iaf 0 |" in output.out
+    assert "| tiny_hmm | full, iaf 0 |" in output.out
+    assert "[2/2] tiny_hmm-" in output.err
+    assert "wrote sweep/leaderboard.csv" in output.err
+
+
+def test_sweep_command_fails_when_a_run_fails(specs, capsys):
+    Path("specs/static.dssm").write_text(STATIC_SPEC, encoding="utf-8")
+
+    code = main(["sweep", "specs/static.dssm", "--dataset", DATASET, "--epochs", "1",
+                 "--seeds", "1", "--out", "sweep"])
+
+    output = capsys.readouterr()
+    assert code == 1
+    assert "static-full-iaf0-seed0: failed: specs/static.dssm:" in output.err
+    assert "Traceback" not in output.err
 
 
 def test_ray_engine_without_ray_says_how_to_install(specs, monkeypatch, capsys):
