@@ -164,10 +164,13 @@ class _Planner:
             return list(nx.lexicographical_topological_sort(
                 dependencies, key=lambda name: list(self.states).index(name)))
         except nx.NetworkXUnfeasible:
-            cycle = " -> ".join(edge[0] for edge in nx.find_cycle(dependencies))
+            cycle = [edge[0] for edge in nx.find_cycle(dependencies)]
+            span = next(declaration.span for declaration in self.model.spec.deterministic
+                        if declaration.name == cycle[0])
             raise self.model.error(
-                f"deterministic states that read each other ({cycle}) are not supported yet",
-                None, hint="merge them into one state with both inputs") from None
+                f"deterministic states that read each other ({' -> '.join(cycle)}) are not "
+                "supported yet", span,
+                hint="merge them into one state with both inputs") from None
 
     def step_order(self, transition: list[Feature], emission: list[Feature]) -> list[str]:
         """Order of z, x and the states within one step: by the lag-0 reads."""
