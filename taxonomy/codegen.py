@@ -61,6 +61,8 @@ class GuidePlan:
     description: str
     loop_states: list[str] = field(default_factory=list)
     precomputed_states: list[str] = field(default_factory=list)
+    # Loop states whose value at t the combiner reads, so they step before z[t] is drawn.
+    states_before_draw: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -186,6 +188,25 @@ class _Planner:
         rank.update({name: (1, index) for index, name in enumerate(self.states)})
         return list(nx.lexicographical_topological_sort(same_step, key=lambda n: rank[n]))
 
+    def guide_step_order(self, guide: GuidePlan) -> list[str]:
+        """Order of z and the guide's loop states within one step: by the lag-0 reads.
+
+        The combiner reads its features at t before z[t] is drawn, so a state it
+        reads at lag 0 (such as d[t] = gru(z[t-1], d[t-1])) steps first.
+        """
+        same_step = nx.DiGraph()
+        same_step.add_nodes_from([self.z, *guide.loop_states])
+        for feature in guide.features:
+            if feature.lag == 0 and feature.source in guide.loop_states:
+                same_step.add_edge(feature.source, self.z)
+        for name in guide.loop_states:
+            for feature in self.states[name].inputs:
+                if feature.lag == 0 and feature.source in same_step:
+                    same_step.add_edge(feature.source, name)
+        rank = {self.z: -1}
+        rank.update({name: index for index, name in enumerate(guide.loop_states)})
+        return list(nx.lexicographical_topological_sort(same_step, key=lambda n: rank[n]))
+
     def _state_carrying(self, variable: str, tail: int, pure: bool,
                         preferred: list[Feature]) -> Feature | None:
         """A state and lag whose value carries exactly `variable`[1:t-tail]."""
@@ -269,6 +290,8 @@ def plan_model(model: ModelGraph, placement: Placement | None = None) -> Plan:
     for guide in guides.values():
         guide.loop_states = [n for n in order if n in guide.loop_states]
         guide.precomputed_states = [n for n in order if n in guide.precomputed_states]
+        within_step = planner.guide_step_order(guide)
+        guide.states_before_draw = within_step[:within_step.index(planner.z)]
     states = [planner.states[name] for name in order]
     step_order = planner.step_order(transition, emission)
 
