@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import keyword
 import linecache
 import os
 import sys
@@ -42,9 +43,15 @@ def collect_specs(paths: list[str]) -> list[Path]:
 
 
 def module_name(stem: str) -> str:
-    """A Python module name for a spec file stem."""
-    name = "".join(char if char.isalnum() or char == "_" else "_" for char in stem)
-    return name if name and not name[0].isdigit() else f"spec_{name}"
+    """A Python module name for a spec file stem: an identifier that is not a keyword.
+
+    A dunder stem such as __init__ gets a prefix, so it cannot replace a
+    package's own files.
+    """
+    name = "".join(char if ("_" + char).isidentifier() else "_" for char in stem)
+    if not name.isidentifier() or name.startswith("__"):
+        name = f"spec_{name}"
+    return f"{name}_" if keyword.iskeyword(name) else name
 
 
 def output_paths(specs: list[Path], output_dir: Path) -> list[Path]:
