@@ -63,6 +63,12 @@ class GuidePlan:
     precomputed_states: list[str] = field(default_factory=list)
     # Loop states whose value at t the combiner reads, so they step before z[t] is drawn.
     states_before_draw: list[str] = field(default_factory=list)
+    # Precomputed states that loop states read step by step.
+    stepped_states: list[str] = field(default_factory=list)
+    # Whether loop states read x step by step.
+    loop_reads_x: bool = False
+    # Whether this guide computes every state of the model, which may then reuse them.
+    shares_states: bool = False
 
 
 @dataclass
@@ -248,6 +254,9 @@ class _Planner:
         if facts.x_past_lags.tail is not None:
             state = self._state_carrying(self.x, facts.x_past_lags.tail, pure=True,
                                          preferred=transition)
+            # NOTE: a state that also carries z, such as VRNN's h, is passed over
+            # here, so VRNN reads x[1:t-1] through a bidirectional RNN although
+            # h[t-1] and a window x[t-1] would carry it with a backward one.
             if state is None:
                 bidirectional = True
             else:
@@ -292,7 +301,15 @@ def plan_model(model: ModelGraph, placement: Placement | None = None) -> Plan:
         guide.precomputed_states = [n for n in order if n in guide.precomputed_states]
         within_step = planner.guide_step_order(guide)
         guide.states_before_draw = within_step[:within_step.index(planner.z)]
+        loop_inputs = [feature.source for name in guide.loop_states
+                       for feature in planner.states[name].inputs]
+        guide.stepped_states = [n for n in guide.precomputed_states if n in loop_inputs]
+        guide.loop_reads_x = planner.x in loop_inputs
     states = [planner.states[name] for name in order]
+    model_states = [state.name for state in states if not state.guide_only]
+    for guide in guides.values():
+        computed = set(guide.loop_states) | set(guide.precomputed_states)
+        guide.shares_states = bool(model_states) and computed.issuperset(model_states)
     step_order = planner.step_order(transition, emission)
 
     all_features = transition + emission + [f for s in states for f in s.inputs] + [
@@ -331,6 +348,25 @@ class _Expressions:
 
     def step_list(self, features: list[Feature]) -> str:
         return ", ".join(self.step(feature) for feature in features)
+
+    def _in_guide_loop(self, guide: GuidePlan, feature: Feature) -> bool:
+        return feature.source == self.plan.z or feature.source in guide.loop_states
+
+    def guide_sequences(self, guide: GuidePlan) -> str:
+        """The combiner's features known before the guide's loop, over all steps; None for the others."""
+        return ", ".join("None" if self._in_guide_loop(guide, feature) else self.local(feature)
+                         for feature in guide.features)
+
+    def guide_steps(self, guide: GuidePlan) -> str:
+        """The combiner's features that the guide's loop computes, at step t; None for the others."""
+        return ", ".join(self.step(feature) if self._in_guide_loop(guide, feature) else "None"
+                         for feature in guide.features)
+
+    def guide_states(self, guide: GuidePlan) -> str:
+        """The model's states as the guide holds them after its loop, over all steps."""
+        return ", ".join(f"torch.stack({state.name}_steps, dim=1)"
+                         if state.name in guide.loop_states else state.name
+                         for state in self.plan.states if not state.guide_only)
 
     def initial(self, feature: Feature) -> str:
         if feature.is_state:

@@ -318,3 +318,30 @@ x[t] <- z[t]
 def test_named_and_cell_guides_draw_before_stepping_states(name, plans):
     for guide in plans[name].guides.values():
         assert guide.states_before_draw == []
+
+
+def test_spec_settings_become_constructor_defaults():
+    text = """model Settings
+latent   z : normal[2]
+observed x : exponential[3]
+z[t] <- z[1:t-1]
+x[t] <- z[t]
+guide partial
+flow iaf[2, 5]
+size mlp = 7
+size inference = 9
+size rnn = 4
+"""
+    source = compile_model(build_graph(parse_spec(text, "settings.dssm")))
+    namespace = {}
+    exec(compile(source, "settings", "exec"), namespace)
+
+    model = namespace["Model"]()
+
+    assert model.alignment == "partial"
+    assert len(model.flow.layers) == 2
+    assert model.emission.family == "exponential"
+    assert model.transition.hidden[0].out_features == 7
+    assert model.inference_rnn.backward_rnn.h_0.shape == (9,)
+    assert model.h_z.h_0.shape == (4,)
+    assert (model.x_dim, model.z_dim) == (3, 2)
