@@ -399,6 +399,13 @@ def test_scored_finite_order_cell_is_drawn():
     assert "dashed" in node_attributes(source, taxonomy_node_id(finite))
 
 
+def test_empty_scores_leave_every_cell_white():
+    source = taxonomy_diagram({parse_cell("HMM()"): ["dmm"]}, {}, "test score").source
+
+    assert "test score: no cell has a score" in source
+    assert fill_of(node_attributes(source, taxonomy_node_id(parse_cell("HMM()")))) == "white"
+
+
 def test_taxonomy_without_scores_is_unchanged():
     found = {parse_cell("HMM()"): ["dmm"]}
 
