@@ -81,6 +81,8 @@ class ArSSM(nn.Module):
             self.inference_rnn = blocks.InferenceRNN(x_dim, inference, bidirectional=False)
             self.combiner = blocks.Combiner([200, 200], inference, z_dim)
         self.flow = blocks.InverseAutoregressiveFlow(z_dim, *flow) if flow else None
+        # The states the guide computed for its last draw, which the model reuses.
+        self._guide_states = blocks.GuideStates()
 
     def _states(self, z, x):
         """Run every deterministic state over the whole sequence at once."""
@@ -101,7 +103,8 @@ class ArSSM(nn.Module):
         pyro.module("arssm", self)
         batch, steps, _ = x.shape
         x = blocks.zero_padding(x, mask)
-        states = blocks.StateCache(lambda z: self._states(z, x))
+        states = blocks.StateCache(lambda z: self._states(z, x),
+                                   known=self._guide_states.take(x))
 
         with pyro.plate("sequences", batch):
             with poutine.scale(scale=annealing_factor):
@@ -150,31 +153,32 @@ class ArSSM(nn.Module):
     def _draw_partial(self, x, lengths, use_mean):
         """Partial alignment: q(z[t] | z[t-1], x[1:T])."""
         batch, steps, _ = x.shape
-        summaries = [summary.unbind(1) for summary in self.inference_rnn(x, lengths)]
+        summaries = self.inference_rnn(x, lengths)
+        # The combiner's terms that read only x, for all steps at once.
+        known = self.combiner.precompute([None], summaries)
         z_steps, log_q, locs, scales = [], [], [], []
         for t in range(steps):
-            loc, scale = self.combiner([blocks.at_step(z_steps, t - 1, self.z_0, batch)],
-                                       [summary[t] for summary in summaries])
+            loc, scale = self.combiner.step(known, t, [blocks.at_step(z_steps, t - 1, self.z_0, batch)])
             z_t, log_q_t = blocks.draw_step(loc, scale, self.flow, use_mean)
             z_steps.append(z_t)
             log_q.append(log_q_t)
             locs.append(loc)
             scales.append(scale)
-        return (torch.stack(z_steps, dim=1), torch.stack(log_q, dim=1),
+        z = torch.stack(z_steps, dim=1)
+        return (z, torch.stack(log_q, dim=1),
                 torch.stack(locs, dim=1), torch.stack(scales, dim=1), self.flow is not None)
 
     def _draw_full(self, x, lengths, use_mean):
         """Full alignment: q(z[t] | h1[t-1], h2[t-1], backward RNN over x[t:T])."""
         batch, steps, _ = x.shape
-        summaries = [summary.unbind(1) for summary in self.inference_rnn(x, lengths)]
-        x_steps = x.unbind(1)
-        h2 = self.h2.sequence(x)
-        h2_steps = h2.unbind(1)
+        summaries = self.inference_rnn(x, lengths)
+        h2 = self.h2.sequence(x, lengths)
+        # The combiner's terms that read only x, for all steps at once.
+        known = self.combiner.precompute([None, blocks.shift(h2, 1, self.h2.h_0)], summaries)
         z_steps, log_q, locs, scales = [], [], [], []
         h1_steps, h1_carry = [], None
         for t in range(steps):
-            loc, scale = self.combiner([blocks.at_step(h1_steps, t - 1, self.h1.h_0, batch), blocks.at_step(h2_steps, t - 1, self.h2.h_0, batch)],
-                                       [summary[t] for summary in summaries])
+            loc, scale = self.combiner.step(known, t, [blocks.at_step(h1_steps, t - 1, self.h1.h_0, batch), None])
             z_t, log_q_t = blocks.draw_step(loc, scale, self.flow, use_mean)
             z_steps.append(z_t)
             log_q.append(log_q_t)
@@ -182,7 +186,9 @@ class ArSSM(nn.Module):
             scales.append(scale)
             h1_t, h1_carry = self.h1.step(z_steps[t], h1_carry)
             h1_steps.append(h1_t)
-        return (torch.stack(z_steps, dim=1), torch.stack(log_q, dim=1),
+        z = torch.stack(z_steps, dim=1)
+        self._guide_states.store(z, x, States(h1=torch.stack(h1_steps, dim=1), h2=h2))
+        return (z, torch.stack(log_q, dim=1),
                 torch.stack(locs, dim=1), torch.stack(scales, dim=1), self.flow is not None)
 
     @torch.no_grad()

@@ -353,20 +353,27 @@ class _Expressions:
         return feature.source == self.plan.z or feature.source in guide.loop_states
 
     def guide_sequences(self, guide: GuidePlan) -> str:
-        """The combiner's features known before the guide's loop, over all steps; None for the others."""
+        """Return the combiner's features known before the guide's loop, over all steps.
+
+        Features that the loop computes are None here.
+        """
         return ", ".join("None" if self._in_guide_loop(guide, feature) else self.local(feature)
                          for feature in guide.features)
 
     def guide_steps(self, guide: GuidePlan) -> str:
-        """The combiner's features that the guide's loop computes, at step t; None for the others."""
+        """Return the combiner's features that the guide's loop computes, at step t.
+
+        Features known before the loop are None here.
+        """
         return ", ".join(self.step(feature) if self._in_guide_loop(guide, feature) else "None"
                          for feature in guide.features)
 
     def guide_states(self, guide: GuidePlan) -> str:
-        """The model's states as the guide holds them after its loop, over all steps."""
-        return ", ".join(f"torch.stack({state.name}_steps, dim=1)"
-                         if state.name in guide.loop_states else state.name
-                         for state in self.plan.states if not state.guide_only)
+        """Return the model's states, as the guide computed them, over all steps."""
+        values = [(state.name, f"torch.stack({state.name}_steps, dim=1)"
+                   if state.name in guide.loop_states else state.name)
+                  for state in self.plan.states if not state.guide_only]
+        return ", ".join(f"{name}={value}" for name, value in values)
 
     def initial(self, feature: Feature) -> str:
         if feature.is_state:

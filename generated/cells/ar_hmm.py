@@ -122,34 +122,37 @@ class ar_hmm(nn.Module):
     def _draw_partial(self, x, lengths, use_mean):
         """Partial alignment: q(z[t] | z[t-1], x[t:T])."""
         batch, steps, _ = x.shape
-        summaries = [summary.unbind(1) for summary in self.inference_rnn(x, lengths)]
+        summaries = self.inference_rnn(x, lengths)
+        # The combiner's terms that read only x, for all steps at once.
+        known = self.combiner.precompute([None], summaries)
         z_steps, log_q, locs, scales = [], [], [], []
         for t in range(steps):
-            loc, scale = self.combiner([blocks.at_step(z_steps, t - 1, self.z_0, batch)],
-                                       [summary[t] for summary in summaries])
+            loc, scale = self.combiner.step(known, t, [blocks.at_step(z_steps, t - 1, self.z_0, batch)])
             z_t, log_q_t = blocks.draw_step(loc, scale, self.flow, use_mean)
             z_steps.append(z_t)
             log_q.append(log_q_t)
             locs.append(loc)
             scales.append(scale)
-        return (torch.stack(z_steps, dim=1), torch.stack(log_q, dim=1),
+        z = torch.stack(z_steps, dim=1)
+        return (z, torch.stack(log_q, dim=1),
                 torch.stack(locs, dim=1), torch.stack(scales, dim=1), self.flow is not None)
 
     def _draw_full(self, x, lengths, use_mean):
         """Full alignment: q(z[t] | z[t-1], x[t-1], backward RNN over x[t:T])."""
         batch, steps, _ = x.shape
-        summaries = [summary.unbind(1) for summary in self.inference_rnn(x, lengths)]
-        x_steps = x.unbind(1)
+        summaries = self.inference_rnn(x, lengths)
+        # The combiner's terms that read only x, for all steps at once.
+        known = self.combiner.precompute([None, blocks.shift(x, 1, self.x_0)], summaries)
         z_steps, log_q, locs, scales = [], [], [], []
         for t in range(steps):
-            loc, scale = self.combiner([blocks.at_step(z_steps, t - 1, self.z_0, batch), blocks.at_step(x_steps, t - 1, self.x_0, batch)],
-                                       [summary[t] for summary in summaries])
+            loc, scale = self.combiner.step(known, t, [blocks.at_step(z_steps, t - 1, self.z_0, batch), None])
             z_t, log_q_t = blocks.draw_step(loc, scale, self.flow, use_mean)
             z_steps.append(z_t)
             log_q.append(log_q_t)
             locs.append(loc)
             scales.append(scale)
-        return (torch.stack(z_steps, dim=1), torch.stack(log_q, dim=1),
+        z = torch.stack(z_steps, dim=1)
+        return (z, torch.stack(log_q, dim=1),
                 torch.stack(locs, dim=1), torch.stack(scales, dim=1), self.flow is not None)
 
     @torch.no_grad()

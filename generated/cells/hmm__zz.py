@@ -76,6 +76,8 @@ class hmm__zz(nn.Module):
             self.inference_rnn = blocks.InferenceRNN(x_dim, inference, bidirectional=False)
             self.combiner = blocks.Combiner([200], inference, z_dim)
         self.flow = blocks.InverseAutoregressiveFlow(z_dim, *flow) if flow else None
+        # The states the guide computed for its last draw, which the model reuses.
+        self._guide_states = blocks.GuideStates()
 
     def _states(self, z, x):
         """Run every deterministic state over the whole sequence at once."""
@@ -95,7 +97,8 @@ class hmm__zz(nn.Module):
         pyro.module("hmm__zz", self)
         batch, steps, _ = x.shape
         x = blocks.zero_padding(x, mask)
-        states = blocks.StateCache(lambda z: self._states(z, x))
+        states = blocks.StateCache(lambda z: self._states(z, x),
+                                   known=self._guide_states.take(x))
 
         with pyro.plate("sequences", batch):
             with poutine.scale(scale=annealing_factor):
@@ -141,29 +144,31 @@ class hmm__zz(nn.Module):
     def _draw_partial(self, x, lengths, use_mean):
         """Partial alignment: q(z[t] | z[t-1], x[1:T])."""
         batch, steps, _ = x.shape
-        summaries = [summary.unbind(1) for summary in self.inference_rnn(x, lengths)]
+        summaries = self.inference_rnn(x, lengths)
+        # The combiner's terms that read only x, for all steps at once.
+        known = self.combiner.precompute([None], summaries)
         z_steps, log_q, locs, scales = [], [], [], []
         for t in range(steps):
-            loc, scale = self.combiner([blocks.at_step(z_steps, t - 1, self.z_0, batch)],
-                                       [summary[t] for summary in summaries])
+            loc, scale = self.combiner.step(known, t, [blocks.at_step(z_steps, t - 1, self.z_0, batch)])
             z_t, log_q_t = blocks.draw_step(loc, scale, self.flow, use_mean)
             z_steps.append(z_t)
             log_q.append(log_q_t)
             locs.append(loc)
             scales.append(scale)
-        return (torch.stack(z_steps, dim=1), torch.stack(log_q, dim=1),
+        z = torch.stack(z_steps, dim=1)
+        return (z, torch.stack(log_q, dim=1),
                 torch.stack(locs, dim=1), torch.stack(scales, dim=1), self.flow is not None)
 
     def _draw_full(self, x, lengths, use_mean):
         """Full alignment: q(z[t] | h_z[t-1], backward RNN over x[t:T])."""
         batch, steps, _ = x.shape
-        summaries = [summary.unbind(1) for summary in self.inference_rnn(x, lengths)]
-        x_steps = x.unbind(1)
+        summaries = self.inference_rnn(x, lengths)
+        # The combiner's terms that read only x, for all steps at once.
+        known = self.combiner.precompute([None], summaries)
         z_steps, log_q, locs, scales = [], [], [], []
         h_z_steps, h_z_carry = [], None
         for t in range(steps):
-            loc, scale = self.combiner([blocks.at_step(h_z_steps, t - 1, self.h_z.h_0, batch)],
-                                       [summary[t] for summary in summaries])
+            loc, scale = self.combiner.step(known, t, [blocks.at_step(h_z_steps, t - 1, self.h_z.h_0, batch)])
             z_t, log_q_t = blocks.draw_step(loc, scale, self.flow, use_mean)
             z_steps.append(z_t)
             log_q.append(log_q_t)
@@ -171,7 +176,9 @@ class hmm__zz(nn.Module):
             scales.append(scale)
             h_z_t, h_z_carry = self.h_z.step(z_steps[t], h_z_carry)
             h_z_steps.append(h_z_t)
-        return (torch.stack(z_steps, dim=1), torch.stack(log_q, dim=1),
+        z = torch.stack(z_steps, dim=1)
+        self._guide_states.store(z, x, States(h_z=torch.stack(h_z_steps, dim=1)))
+        return (z, torch.stack(log_q, dim=1),
                 torch.stack(locs, dim=1), torch.stack(scales, dim=1), self.flow is not None)
 
     @torch.no_grad()
