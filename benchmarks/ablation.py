@@ -123,10 +123,10 @@ def describe(implementation: str) -> str:
     base, changes = parse(implementation)
     if base == "compiled":
         if not changes:
-            return "compiled"
+            return "compiled, every speed-up on"
         if set(changes) == set(SPEEDUPS):
             return "compiled, every speed-up off"
-        return "compiled without " + ", ".join(changes)
+        return "compiled with " + ", ".join(name for name in SPEEDUPS if name not in changes)
     if not changes:
         return "hand-written, per step"
     return "hand-written, vectorised " + " and ".join(changes)

@@ -32,29 +32,18 @@ time, to measure what each part of the compiled design buys:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import pyro
 import pyro.distributions as dist
 from pyro import poutine
 
+from benchmarks.handwritten_common import (Combiner, GaussianMLP, backward_summaries,
+                                           check_full_guide, copy_combiner, copy_emission,
+                                           copy_gaussian_head, copy_gru, emission_mlp)
+
 VECTORISED_PARTS = ("emission", "x_rnn")
-_MIN_SCALE = 1e-4
-
-
-def reverse_within_length(sequence: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Reverse the first lengths[b] steps of each row b of a (batch, time, width) tensor.
-
-    Padded steps stay where they are, so the result is still padded at the end.
-    """
-    steps = sequence.shape[1]
-    positions = torch.arange(steps, device=sequence.device)
-    source = lengths[:, None] - 1 - positions
-    source = torch.where(source >= 0, source, positions)
-    return sequence.gather(1, source[..., None].expand_as(sequence))
 
 
 def run_fused(cell: nn.GRUCell, template: nn.GRU, inputs: torch.Tensor,
@@ -70,36 +59,6 @@ def shift_one_step(states: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
     """Return h[t-1] for every t of a (batch, time, width) h[1:T], with `initial` as h[0]."""
     start = initial.expand(states.shape[0], 1, states.shape[-1])
     return torch.cat([start, states[:, :-1]], dim=1)
-
-
-class GaussianMLP(nn.Module):
-    """Features -> ReLU hidden layer -> loc and softplus scale of a diagonal Gaussian."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int):
-        super().__init__()
-        self.hidden = nn.Linear(input_dim, hidden_dim)
-        self.loc = nn.Linear(hidden_dim, output_dim)
-        self.scale = nn.Linear(hidden_dim, output_dim)
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = F.relu(self.hidden(features))
-        return self.loc(hidden), F.softplus(self.scale(hidden)) + _MIN_SCALE
-
-
-class FullAlignmentCombiner(nn.Module):
-    """q(z[t] | h1[t-1], h2[t-1], g[t]): the mean of tanh(A h1), tanh(B h2) and g, then loc and scale."""
-
-    def __init__(self, h1_dim: int, h2_dim: int, summary_dim: int, z_dim: int):
-        super().__init__()
-        self.from_h1 = nn.Linear(h1_dim, summary_dim)
-        self.from_h2 = nn.Linear(h2_dim, summary_dim)
-        self.loc = nn.Linear(summary_dim, z_dim)
-        self.scale = nn.Linear(summary_dim, z_dim)
-
-    def forward(self, h1: torch.Tensor, h2: torch.Tensor, g: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        combined = (torch.tanh(self.from_h1(h1)) + torch.tanh(self.from_h2(h2)) + g) / 3
-        return self.loc(combined), F.softplus(self.scale(combined)) + _MIN_SCALE
 
 
 class HandwrittenArSSM(nn.Module):
@@ -129,11 +88,11 @@ class HandwrittenArSSM(nn.Module):
         self.h1_0 = nn.Parameter(torch.zeros(h_dim))
         self.h2_0 = nn.Parameter(torch.zeros(h_dim))
         self.transition = GaussianMLP(h_dim, mlp, z_dim)
-        self.emission = nn.Sequential(nn.Linear(2 * h_dim, mlp), nn.ReLU(), nn.Linear(mlp, x_dim))
+        self.emission = emission_mlp(2 * h_dim, mlp, x_dim)
 
         self.inference_rnn = nn.GRU(x_dim, inference, batch_first=True)
         self.g_0 = nn.Parameter(torch.zeros(inference))
-        self.combiner = FullAlignmentCombiner(h_dim, h_dim, inference, z_dim)
+        self.combiner = Combiner([h_dim, h_dim], inference, z_dim)
 
         # A weightless shape for the fused run of h2; kept in a tuple so that
         # nn.Module does not register its own (unused) parameters.
@@ -181,22 +140,11 @@ class HandwrittenArSSM(nn.Module):
                 p_x = dist.Bernoulli(logits=self.emission(features))
                 pyro.sample("x", p_x.mask(mask[..., None]).to_event(2), obs=x)
 
-    def backward_summaries(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """g[t] for every t: the backward GRU over x[t:T], shape (batch, time, inference)."""
-        batch, steps, _ = x.shape
-        packed = pack_padded_sequence(reverse_within_length(x, lengths), lengths.cpu(),
-                                      batch_first=True, enforce_sorted=False)
-        g_0 = self.g_0.expand(1, batch, -1).contiguous()
-        outputs, _ = self.inference_rnn(packed, g_0)
-        outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=steps)
-        return reverse_within_length(outputs, lengths)
-
     def guide(self, x, mask, annealing_factor=1.0):
         """q(z[1:T] | x[1:T]) with full alignment, one sample site z_t per step."""
         pyro.module("handwritten_arssm", self)
         batch, steps, _ = x.shape
-        lengths = mask.sum(-1)
-        g = self.backward_summaries(x, lengths)
+        g = backward_summaries(self.inference_rnn, self.g_0, x, mask.sum(-1))
         h1 = self.h1_0.expand(batch, -1)
         h2 = self.h2_0.expand(batch, -1)
         if "x_rnn" in self.vectorised:
@@ -206,22 +154,12 @@ class HandwrittenArSSM(nn.Module):
             for t in range(steps):
                 if "x_rnn" in self.vectorised:
                     h2 = h2_previous[:, t]
-                loc, scale = self.combiner(h1, h2, g[:, t])
+                loc, scale = self.combiner([h1, h2], [g[:, t]])
                 with poutine.mask(mask=mask[:, t]), poutine.scale(scale=annealing_factor):
                     z_t = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
                 h1 = self.h1_cell(z_t, h1)
                 if "x_rnn" not in self.vectorised:
                     h2 = self.h2_cell(x[:, t], h2)
-
-
-def _copy_gru(target_cell: nn.GRUCell, source_rnn: nn.GRU) -> None:
-    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-        getattr(target_cell, name).copy_(getattr(source_rnn, name + "_l0"))
-
-
-def _copy_linear(target: nn.Linear, source: nn.Linear) -> None:
-    target.weight.copy_(source.weight)
-    target.bias.copy_(source.bias)
 
 
 @torch.no_grad()
@@ -231,29 +169,16 @@ def copy_compiled_parameters(compiled: nn.Module, handwritten: HandwrittenArSSM)
     Afterwards both define the same model and guide. Raises ValueError for
     a partial-alignment or flow guide, which the hand-written model lacks.
     """
-    if compiled.alignment != "full" or compiled.flow is not None:
-        raise ValueError("the hand-written ArSSM has a full-alignment guide without a flow; "
-                         "build the compiled one with guide='full' and flow=None")
-
-    _copy_gru(handwritten.h1_cell, compiled.h1.rnn)
-    _copy_gru(handwritten.h2_cell, compiled.h2.rnn)
+    check_full_guide(compiled, "ArSSM")
+    copy_gru(handwritten.h1_cell, compiled.h1.rnn)
+    copy_gru(handwritten.h2_cell, compiled.h2.rnn)
     handwritten.h1_0.copy_(compiled.h1.h_0)
     handwritten.h2_0.copy_(compiled.h2.h_0)
-
-    _copy_linear(handwritten.transition.hidden, compiled.transition.hidden[0])
-    _copy_linear(handwritten.transition.loc, compiled.transition.loc)
-    _copy_linear(handwritten.transition.scale, compiled.transition.scale)
-    _copy_linear(handwritten.emission[0], compiled.emission.net[0])
-    _copy_linear(handwritten.emission[2], compiled.emission.net[2])
-
-    backward_rnn = compiled.inference_rnn.backward_rnn
-    for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
-        getattr(handwritten.inference_rnn, name).copy_(getattr(backward_rnn.rnn, name))
-    handwritten.g_0.copy_(backward_rnn.h_0)
-    _copy_linear(handwritten.combiner.from_h1, compiled.combiner.projections[0])
-    _copy_linear(handwritten.combiner.from_h2, compiled.combiner.projections[1])
-    _copy_linear(handwritten.combiner.loc, compiled.combiner.loc)
-    _copy_linear(handwritten.combiner.scale, compiled.combiner.scale)
+    copy_gaussian_head(handwritten.transition, compiled.transition)
+    copy_emission(handwritten.emission, compiled.emission)
+    copy_gru(handwritten.inference_rnn, compiled.inference_rnn.backward_rnn.rnn)
+    handwritten.g_0.copy_(compiled.inference_rnn.backward_rnn.h_0)
+    copy_combiner(handwritten.combiner, compiled.combiner)
 
 
 Model = HandwrittenArSSM

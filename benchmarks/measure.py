@@ -51,6 +51,9 @@ class ModelPair:
 
 PAIRS = {
     "arssm": ModelPair("specs/arssm.dssm", "benchmarks.handwritten_arssm"),
+    "srnn": ModelPair("specs/srnn.dssm", "benchmarks.handwritten_srnn"),
+    "vrnn": ModelPair("specs/vrnn.dssm", "benchmarks.handwritten_vrnn"),
+    "dmm": ModelPair("specs/dmm.dssm", "benchmarks.handwritten_dmm"),
 }
 
 

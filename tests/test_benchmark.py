@@ -1,5 +1,6 @@
 """The speed benchmark compares models with the same objective, and its smoke mode runs."""
 
+import importlib
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ from pyro import poutine
 
 from benchmarks import ablation
 from benchmarks.handwritten_arssm import (VECTORISED_PARTS, HandwrittenArSSM,
-                                          copy_compiled_parameters, reverse_within_length)
-from benchmarks.measure import crop_or_tile
+                                          copy_compiled_parameters)
+from benchmarks.handwritten_common import reverse_within_length
+from benchmarks.measure import PAIRS, crop_or_tile
 from benchmarks.train_speed import REPOSITORY, main
 from runtime.data import SequenceData
 from taxonomy.build import build_model
@@ -21,9 +23,9 @@ from taxonomy.build import build_model
 SIZES = {"x_dim": 6, "z_dim": 3, "mlp": 5, "inference": 7}
 
 
-def tiny_compiled(seed=0):
+def tiny_compiled(name="arssm", seed=0):
     torch.manual_seed(seed)
-    compiled = build_model("specs/arssm.dssm", guide="full", **SIZES)
+    compiled = build_model(f"specs/{name}.dssm", guide="full", **SIZES)
     # Random weights everywhere, learned initial states included, so that a
     # weight copied to the wrong place changes the densities.
     with torch.no_grad():
@@ -47,11 +49,19 @@ def per_sequence_log_prob(trace):
     return sum(site["log_prob"] for site in trace.nodes.values() if site["type"] == "sample")
 
 
-@pytest.mark.parametrize("vectorised", [(), ("emission",), VECTORISED_PARTS])
-def test_handwritten_arssm_has_compiled_objective(vectorised):
-    compiled = tiny_compiled()
-    handwritten = HandwrittenArSSM(**SIZES, vectorised=vectorised)
-    copy_compiled_parameters(compiled, handwritten)
+@pytest.mark.parametrize("name, vectorised", [
+    ("arssm", ()),
+    ("arssm", ("emission",)),
+    ("arssm", VECTORISED_PARTS),
+    ("srnn", ()),
+    ("vrnn", ()),
+    ("dmm", ()),
+])
+def test_handwritten_model_has_compiled_objective(name, vectorised):
+    compiled = tiny_compiled(name)
+    handwritten_module = importlib.import_module(PAIRS[name].handwritten)
+    handwritten = handwritten_module.Model(**SIZES, vectorised=vectorised)
+    handwritten_module.copy_compiled_parameters(compiled, handwritten)
     x, mask = padded_batch([5, 3, 1, 4])
     annealing = 0.3
 
@@ -87,7 +97,7 @@ def test_copy_rejects_partial_alignment():
     torch.manual_seed(0)
     partial = build_model("specs/arssm.dssm", guide="partial", **SIZES)
 
-    with pytest.raises(ValueError, match="full-alignment"):
+    with pytest.raises(ValueError, match="full-alignment guide"):
         copy_compiled_parameters(partial, HandwrittenArSSM(**SIZES))
 
 
@@ -183,3 +193,10 @@ def test_smoke_mode_runs():
     assert "ratio compiled / hand-written" in finished.stdout
     assert "| compiled |" in finished.stdout
     assert "| handwritten |" in finished.stdout
+
+
+def test_unknown_model_fails_clearly(capsys):
+    status = main(["--smoke", "--models", "arssm,rnn"])
+
+    assert status == 2
+    assert "no hand-written model for rnn" in capsys.readouterr().err
