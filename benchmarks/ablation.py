@@ -7,8 +7,8 @@ An implementation is named by a string:
   runtime/blocks.py turned off, each replaced by the plain code it stands
   for ("compiled-without:all" turns off every one in SPEEDUPS).
 - "handwritten": the per-step hand-written model.
-- "handwritten+PART+PART": the hand-written model with parts of its loop
-  vectorised (see `benchmarks.handwritten_arssm.VECTORISED_PARTS`).
+- "handwritten+CHANGE+CHANGE": the hand-written model with changes to its
+  per-step style (see `benchmarks.handwritten_arssm.CHANGES`).
 
 The plain replacements compute the same values as the speed-ups (the tests
 in tests/test_blocks.py compare them), so every variant has the same objective.
@@ -129,5 +129,5 @@ def describe(implementation: str) -> str:
         return "compiled with " + ", ".join(name for name in SPEEDUPS if name not in changes)
     if not changes:
         return "hand-written, per step"
-    return "hand-written, vectorised " + " and ".join(changes)
+    return "hand-written, " + ", ".join(changes)
 

@@ -20,13 +20,8 @@ guide="full": `copy_compiled_parameters` maps that model's weights here,
 and tests/test_benchmark.py checks that the log joints and the guide
 densities of both agree on the same z.
 
-The `vectorised` option moves parts of the model out of the loop, one at a
-time, to measure what each part of the compiled design buys:
-
-- "emission": the emission runs once on the stacked states and x is
-  scored in one call (one site "x" instead of x_1 .. x_T).
-- "x_rnn": h2, which reads only x, runs fused over time (nn.GRU on the
-  GRUCell's weights) in the model and in the guide.
+The `changes` option departs from that style one part at a time, to
+measure what each part of the compiled design buys (see CHANGES).
 """
 
 from __future__ import annotations
@@ -43,7 +38,15 @@ from benchmarks.handwritten_common import (Combiner, GaussianMLP, backward_summa
                                            check_full_guide, copy_combiner, copy_emission,
                                            copy_gaussian_head, copy_gru, emission_mlp)
 
-VECTORISED_PARTS = ("emission", "x_rnn")
+CHANGES = {
+    "unbound": "g, x and the mask are split into steps once (unbind) instead of "
+               "sliced at every step",
+    "unpacked": "the guide's GRU over x runs over padded steps instead of packed sequences",
+    "emission": "the emission runs once on the stacked states, and x is scored in one "
+                "call (one site x instead of x_1 .. x_T)",
+    "x_rnn": "h2, which reads only x, runs fused over time (nn.GRU on the GRUCell's "
+             "weights) in the model and in the guide",
+}
 
 
 def run_fused(cell: nn.GRUCell, template: nn.GRU, inputs: torch.Tensor,
@@ -53,6 +56,16 @@ def run_fused(cell: nn.GRUCell, template: nn.GRU, inputs: torch.Tensor,
                "bias_ih_l0": cell.bias_ih, "bias_hh_l0": cell.bias_hh}
     outputs, _ = functional_call(template, weights, (inputs, h_0[None].contiguous()))
     return outputs
+
+
+class _Slices:
+    """Step t of a (batch, time, ...) tensor, sliced out at each access as a plain loop does."""
+
+    def __init__(self, sequence: torch.Tensor):
+        self.sequence = sequence
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        return self.sequence[:, t]
 
 
 def shift_one_step(states: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
@@ -69,18 +82,18 @@ class HandwrittenArSSM(nn.Module):
     :param int h_dim: width of the generative RNN states h1 and h2.
     :param int mlp: hidden width of the transition and emission MLPs.
     :param int inference: width of the guide's backward GRU over x.
-    :param tuple vectorised: parts of the model taken out of the loop over
-        time, a subset of VECTORISED_PARTS; empty for the plain per-step model.
+    :param tuple changes: departures from the per-step style, keys of CHANGES;
+        empty for the plain per-step model.
     """
 
     def __init__(self, x_dim=88, z_dim=100, h_dim=200, mlp=100, inference=600,
-                 vectorised=()):
+                 changes=()):
         super().__init__()
-        unknown = set(vectorised) - set(VECTORISED_PARTS)
+        unknown = set(changes) - set(CHANGES)
         if unknown:
-            raise ValueError(f"unknown vectorised parts {sorted(unknown)}; "
-                             f"choose from {', '.join(VECTORISED_PARTS)}")
-        self.vectorised = frozenset(vectorised)
+            raise ValueError(f"unknown changes {sorted(unknown)}; "
+                             f"choose from {', '.join(CHANGES)}")
+        self.changes = frozenset(changes)
         self.z_dim = z_dim
 
         self.h1_cell = nn.GRUCell(z_dim, h_dim)
@@ -98,6 +111,12 @@ class HandwrittenArSSM(nn.Module):
         # nn.Module does not register its own (unused) parameters.
         self._h2_fused = (nn.GRU(x_dim, h_dim, batch_first=True),)
 
+    def _steps(self, sequence: torch.Tensor):
+        """Return the steps of a (batch, time, ...) tensor, indexable by t."""
+        if "unbound" in self.changes:
+            return sequence.unbind(1)
+        return _Slices(sequence)
+
     def _h2_before_each_step(self, x: torch.Tensor) -> torch.Tensor:
         """h2[t-1] for t = 1..T in one fused call, shape (batch, time, h_dim)."""
         batch = x.shape[0]
@@ -108,33 +127,34 @@ class HandwrittenArSSM(nn.Module):
         """p(x[1:T], z[1:T]) with sample sites z_t and x_t for t = 1..T."""
         pyro.module("handwritten_arssm", self)
         batch, steps, _ = x.shape
+        x_steps, mask_steps = self._steps(x), self._steps(mask)
         h1 = self.h1_0.expand(batch, -1)
         h2 = self.h2_0.expand(batch, -1)
-        if "x_rnn" in self.vectorised:
-            h2_previous = self._h2_before_each_step(x)
+        if "x_rnn" in self.changes:
+            h2_previous = self._steps(self._h2_before_each_step(x))
         h1_steps, h2_previous_steps = [], []
 
         with pyro.plate("sequences", batch):
             for t in range(steps):
-                if "x_rnn" in self.vectorised:
-                    h2 = h2_previous[:, t]
+                if "x_rnn" in self.changes:
+                    h2 = h2_previous[t]
                 loc, scale = self.transition(h1)
-                with poutine.mask(mask=mask[:, t]), poutine.scale(scale=annealing_factor):
+                with poutine.mask(mask=mask_steps[t]), poutine.scale(scale=annealing_factor):
                     z_t = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
                 h1 = self.h1_cell(z_t, h1)
 
-                if "emission" in self.vectorised:
+                if "emission" in self.changes:
                     h1_steps.append(h1)
                     h2_previous_steps.append(h2)
                 else:
                     logits = self.emission(torch.cat([h1, h2], dim=-1))
-                    with poutine.mask(mask=mask[:, t]):
+                    with poutine.mask(mask=mask_steps[t]):
                         pyro.sample(f"x_{t + 1}", dist.Bernoulli(logits=logits).to_event(1),
-                                    obs=x[:, t])
-                if "x_rnn" not in self.vectorised:
-                    h2 = self.h2_cell(x[:, t], h2)
+                                    obs=x_steps[t])
+                if "x_rnn" not in self.changes:
+                    h2 = self.h2_cell(x_steps[t], h2)
 
-            if "emission" in self.vectorised:
+            if "emission" in self.changes:
                 features = torch.cat([torch.stack(h1_steps, dim=1),
                                       torch.stack(h2_previous_steps, dim=1)], dim=-1)
                 p_x = dist.Bernoulli(logits=self.emission(features))
@@ -144,22 +164,24 @@ class HandwrittenArSSM(nn.Module):
         """q(z[1:T] | x[1:T]) with full alignment, one sample site z_t per step."""
         pyro.module("handwritten_arssm", self)
         batch, steps, _ = x.shape
-        g = backward_summaries(self.inference_rnn, self.g_0, x, mask.sum(-1))
+        g = backward_summaries(self.inference_rnn, self.g_0, x, mask.sum(-1),
+                               packed="unpacked" not in self.changes)
+        g_steps, x_steps, mask_steps = self._steps(g), self._steps(x), self._steps(mask)
         h1 = self.h1_0.expand(batch, -1)
         h2 = self.h2_0.expand(batch, -1)
-        if "x_rnn" in self.vectorised:
-            h2_previous = self._h2_before_each_step(x)
+        if "x_rnn" in self.changes:
+            h2_previous = self._steps(self._h2_before_each_step(x))
 
         with pyro.plate("sequences", batch):
             for t in range(steps):
-                if "x_rnn" in self.vectorised:
-                    h2 = h2_previous[:, t]
-                loc, scale = self.combiner([h1, h2], [g[:, t]])
-                with poutine.mask(mask=mask[:, t]), poutine.scale(scale=annealing_factor):
+                if "x_rnn" in self.changes:
+                    h2 = h2_previous[t]
+                loc, scale = self.combiner([h1, h2], [g_steps[t]])
+                with poutine.mask(mask=mask_steps[t]), poutine.scale(scale=annealing_factor):
                     z_t = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
                 h1 = self.h1_cell(z_t, h1)
-                if "x_rnn" not in self.vectorised:
-                    h2 = self.h2_cell(x[:, t], h2)
+                if "x_rnn" not in self.changes:
+                    h2 = self.h2_cell(x_steps[t], h2)
 
 
 @torch.no_grad()

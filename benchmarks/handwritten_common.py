@@ -39,10 +39,18 @@ def run_packed(rnn: nn.GRU, inputs: torch.Tensor, lengths: torch.Tensor,
 
 
 def backward_summaries(rnn: nn.GRU, h_0: torch.Tensor, x: torch.Tensor,
-                       lengths: torch.Tensor) -> torch.Tensor:
-    """Return g[t], a GRU run backward over x[t:T] within each sequence's length."""
-    return reverse_within_length(run_packed(rnn, reverse_within_length(x, lengths), lengths, h_0),
-                                 lengths)
+                       lengths: torch.Tensor, packed: bool = True) -> torch.Tensor:
+    """Return g[t], a GRU run backward over x[t:T] within each sequence's length.
+
+    Packed, the GRU skips padded steps as Pyro's deep Markov model example
+    does; unpacked, it also runs over the padding after each reversed sequence.
+    """
+    reversed_x = reverse_within_length(x, lengths)
+    if packed:
+        outputs = run_packed(rnn, reversed_x, lengths, h_0)
+    else:
+        outputs, _ = rnn(reversed_x, h_0.expand(1, x.shape[0], -1).contiguous())
+    return reverse_within_length(outputs, lengths)
 
 
 class GaussianMLP(nn.Module):

@@ -31,14 +31,15 @@ class HandwrittenDMM(nn.Module):
     :param int z_dim: width of z.
     :param int mlp: hidden width of the transition and emission MLPs.
     :param int inference: width of the guide's backward GRU over x.
-    :param tuple vectorised: must be empty; only the hand-written ArSSM has
-        vectorised variants.
+    :param tuple changes: must be empty; only the hand-written ArSSM has
+        variants (see `benchmarks.handwritten_arssm.CHANGES`).
     """
 
-    def __init__(self, x_dim=88, z_dim=100, mlp=100, inference=600, vectorised=()):
+    def __init__(self, x_dim=88, z_dim=100, mlp=100, inference=600, changes=()):
         super().__init__()
-        if vectorised:
-            raise ValueError("the hand-written DMM has no vectorised variants")
+        if changes:
+            raise ValueError(f"the hand-written DMM has no variants, so changes "
+                             f"{tuple(changes)} are invalid")
         self.z_0 = nn.Parameter(torch.zeros(z_dim))
         self.transition = GaussianMLP(z_dim, mlp, z_dim)
         self.emission = emission_mlp(z_dim, mlp, x_dim)

@@ -34,14 +34,15 @@ class HandwrittenSRNN(nn.Module):
     :param int d_dim: width of the deterministic state d.
     :param int mlp: hidden width of the transition and emission MLPs.
     :param int inference: width of the guide's backward GRU over x.
-    :param tuple vectorised: must be empty; only the hand-written ArSSM has
-        vectorised variants.
+    :param tuple changes: must be empty; only the hand-written ArSSM has
+        variants (see `benchmarks.handwritten_arssm.CHANGES`).
     """
 
-    def __init__(self, x_dim=88, z_dim=100, d_dim=200, mlp=100, inference=600, vectorised=()):
+    def __init__(self, x_dim=88, z_dim=100, d_dim=200, mlp=100, inference=600, changes=()):
         super().__init__()
-        if vectorised:
-            raise ValueError("the hand-written SRNN has no vectorised variants")
+        if changes:
+            raise ValueError(f"the hand-written SRNN has no variants, so changes "
+                             f"{tuple(changes)} are invalid")
         self.z_0 = nn.Parameter(torch.zeros(z_dim))
         self.x_0 = nn.Parameter(torch.zeros(x_dim))
         self.d_0 = nn.Parameter(torch.zeros(d_dim))

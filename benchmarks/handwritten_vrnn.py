@@ -35,14 +35,15 @@ class HandwrittenVRNN(nn.Module):
     :param int h_dim: width of the deterministic state h.
     :param int mlp: hidden width of the transition and emission MLPs.
     :param int inference: width of each direction of the guide's GRU over x.
-    :param tuple vectorised: must be empty; only the hand-written ArSSM has
-        vectorised variants.
+    :param tuple changes: must be empty; only the hand-written ArSSM has
+        variants (see `benchmarks.handwritten_arssm.CHANGES`).
     """
 
-    def __init__(self, x_dim=88, z_dim=100, h_dim=200, mlp=100, inference=600, vectorised=()):
+    def __init__(self, x_dim=88, z_dim=100, h_dim=200, mlp=100, inference=600, changes=()):
         super().__init__()
-        if vectorised:
-            raise ValueError("the hand-written VRNN has no vectorised variants")
+        if changes:
+            raise ValueError(f"the hand-written VRNN has no variants, so changes "
+                             f"{tuple(changes)} are invalid")
         self.x_0 = nn.Parameter(torch.zeros(x_dim))
         self.h_0 = nn.Parameter(torch.zeros(h_dim))
         self.h_cell = nn.GRUCell(x_dim + z_dim, h_dim)

@@ -157,7 +157,7 @@ def build_implementation(job: Job, x_dim: int) -> torch.nn.Module:
         return compiled
 
     handwritten_module = importlib.import_module(pair.handwritten)
-    handwritten = handwritten_module.Model(**sizes, vectorised=changes)
+    handwritten = handwritten_module.Model(**sizes, changes=changes)
     handwritten_module.copy_compiled_parameters(compiled, handwritten)
     return handwritten
 

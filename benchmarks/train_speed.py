@@ -30,12 +30,15 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "RESULT "
 IMPLEMENTATIONS = ("compiled", "handwritten")
-# From the compiled model with every speed-up of runtime/blocks.py off to the
-# compiled model as generated, turning them on one at a time.
+# Two ladders, each turning one change on per row: from the per-step
+# hand-written model towards the compiled design, and from the compiled model
+# with every speed-up of runtime/blocks.py off to the compiled model as generated.
 ABLATION_VARIANTS = (
     "handwritten",
-    "handwritten+emission",
-    "handwritten+emission+x_rnn",
+    "handwritten+unbound",
+    "handwritten+unbound+unpacked",
+    "handwritten+unbound+unpacked+emission",
+    "handwritten+unbound+unpacked+emission+x_rnn",
     "compiled-without:reuse,precomputed_combiner,skip_padding,cell_kernels,draw_arithmetic",
     "compiled-without:precomputed_combiner,skip_padding,cell_kernels,draw_arithmetic",
     "compiled-without:skip_padding,cell_kernels,draw_arithmetic",
@@ -73,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="arssm",
                         help="comma-separated models to compare: arssm, srnn, vrnn, dmm "
                              "(default arssm; --ablation and --scaling use arssm)")
+    parser.add_argument("--handwritten", default="handwritten",
+                        help="the hand-written implementation to compare with, e.g. "
+                             "handwritten+unbound+unpacked (changes exist for arssm only)")
     parser.add_argument("--batch-size", type=int, default=20,
                         help="sequences per mini-batch (default 20)")
     parser.add_argument("--batches", type=int, default=None,
@@ -216,11 +222,12 @@ def compare(args, machine: dict, run) -> tuple[str, dict]:
         base = Job(pair=pair, device=args.device, threads=args.threads, epochs=args.epochs,
                    batch_size=4 if args.smoke else args.batch_size, max_batches=args.batches,
                    smoke=args.smoke)
-        jobs = [replace(base, implementation=name) for name in IMPLEMENTATIONS]
+        implementations = ("compiled", args.handwritten)
+        jobs = [replace(base, implementation=name) for name in implementations]
         results = alternate(jobs, runs, run)
-        summary = summarise(results)
+        summary = summarise(results, implementations)
         figures[pair] = {"runs": results, "summary": summary}
-        tables.append(comparison_table(pair, summary, runs))
+        tables.append(comparison_table(pair, summary, implementations, runs))
         ratio = summary["ratio"]
         print(f"{pair}: ratio compiled / hand-written, median seconds per epoch: "
               f"{ratio:.3f} ({1 / ratio:.2f}x faster)", flush=True)
@@ -230,9 +237,9 @@ def compare(args, machine: dict, run) -> tuple[str, dict]:
     return header + "\n" + "\n\n".join(tables) + "\n", figures
 
 
-def summarise(results: list[dict]) -> dict:
+def summarise(results: list[dict], implementations: tuple[str, str]) -> dict:
     summary = {}
-    for name in IMPLEMENTATIONS:
+    for name in implementations:
         own = [result for result in results if result["implementation"] == name]
         summary[name] = {
             "seconds_per_epoch": median_of(own, lambda r: r["seconds_per_epoch"]),
@@ -242,14 +249,14 @@ def summarise(results: list[dict]) -> dict:
             "loss_per_step": median_of(own, lambda r: r["loss_per_step"]),
             "all_seconds_per_epoch": [r["seconds_per_epoch"] for r in own],
         }
-    summary["ratio"] = (summary["compiled"]["seconds_per_epoch"]
-                        / summary["handwritten"]["seconds_per_epoch"])
-    summary["cpu_ratio"] = (summary["compiled"]["cpu_seconds_per_epoch"]
-                            / summary["handwritten"]["cpu_seconds_per_epoch"])
+    compiled, handwritten = (summary[name] for name in implementations)
+    summary["ratio"] = compiled["seconds_per_epoch"] / handwritten["seconds_per_epoch"]
+    summary["cpu_ratio"] = compiled["cpu_seconds_per_epoch"] / handwritten["cpu_seconds_per_epoch"]
     return summary
 
 
-def comparison_table(pair: str, summary: dict, runs: int) -> str:
+def comparison_table(pair: str, summary: dict, implementations: tuple[str, str],
+                     runs: int) -> str:
     lines = [
         f"**{pair}**, median of {runs} runs each "
         f"(compiled / hand-written = **{summary['ratio']:.2f}** in wall-clock time, "
@@ -259,7 +266,7 @@ def comparison_table(pair: str, summary: dict, runs: int) -> str:
         "| loss per step |",
         "|---|---|---|---|---|---|",
     ]
-    for name in IMPLEMENTATIONS:
+    for name in implementations:
         row = summary[name]
         each = ", ".join(f"{seconds:.1f}" for seconds in row["all_seconds_per_epoch"])
         lines.append(f"| {name} | {row['seconds_per_epoch']:.1f} ({each}) "
@@ -306,26 +313,28 @@ def ablation_table(results: list[dict], machine: dict) -> str:
         "| total / hand-written |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    enabled_before = None
+    previous = None
     for name in ABLATION_VARIANTS:
         own = [result for result in results if result["implementation"] == name]
         if not own:
             continue
-        base, changes = variants.parse(name)
         label = variants.describe(name)
+        base, changes = variants.parse(name)
         if base == "compiled":
-            enabled = [speedup for speedup in variants.SPEEDUPS if speedup not in changes]
-            if enabled_before is not None and len(enabled) == len(enabled_before) + 1:
-                added = [speedup for speedup in enabled if speedup not in enabled_before]
-                label = f"compiled, + {added[0]}"
-            enabled_before = enabled
+            changes = tuple(speedup for speedup in variants.SPEEDUPS if speedup not in changes)
+        if previous is not None and previous[0] == base and len(changes) == len(previous[1]) + 1:
+            added = [change for change in changes if change not in previous[1]]
+            label = f"{'compiled' if base == 'compiled' else 'hand-written'}, + {added[0]}"
+        previous = (base, changes)
         total = median_of(own, lambda r: r["seconds"])
         lines.append(f"| {label} | " + " | ".join(
             f"{median_of(own, lambda r: r['phase_seconds'][phase]):.2f}" for phase in phases)
             + f" | {total:.2f} | {min(r['seconds'] for r in own):.2f} "
             f"| {total / baseline:.2f} |")
     lines.append("")
-    lines += [f"- {name}: {meaning}." for name, meaning in variants.SPEEDUPS.items()]
+    from benchmarks.handwritten_arssm import CHANGES
+
+    lines += [f"- {name}: {meaning}." for name, meaning in {**CHANGES, **variants.SPEEDUPS}.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -454,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             return _finish(args, f"scaling-{_device_stem(args.device)}", scaling,
                            run_in_subprocess)
-        return _finish(args, f"train_speed-{_device_stem(args.device)}", compare,
-                       run_in_subprocess)
+        stem = f"train_speed-{_device_stem(args.device)}"
+        if args.handwritten != "handwritten":
+            stem += "-" + args.handwritten.replace("+", "-")
+        return _finish(args, stem, compare, run_in_subprocess)
     except BenchmarkError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,8 +11,7 @@ import torch
 from pyro import poutine
 
 from benchmarks import ablation
-from benchmarks.handwritten_arssm import (VECTORISED_PARTS, HandwrittenArSSM,
-                                          copy_compiled_parameters)
+from benchmarks.handwritten_arssm import CHANGES, HandwrittenArSSM, copy_compiled_parameters
 from benchmarks.handwritten_common import reverse_within_length
 from benchmarks.measure import PAIRS, crop_or_tile
 from benchmarks.train_speed import REPOSITORY, main
@@ -49,18 +48,19 @@ def per_sequence_log_prob(trace):
     return sum(site["log_prob"] for site in trace.nodes.values() if site["type"] == "sample")
 
 
-@pytest.mark.parametrize("name, vectorised", [
+@pytest.mark.parametrize("name, changes", [
     ("arssm", ()),
+    ("arssm", ("unbound", "unpacked")),
     ("arssm", ("emission",)),
-    ("arssm", VECTORISED_PARTS),
+    ("arssm", tuple(CHANGES)),
     ("srnn", ()),
     ("vrnn", ()),
     ("dmm", ()),
 ])
-def test_handwritten_model_has_compiled_objective(name, vectorised):
+def test_handwritten_model_has_compiled_objective(name, changes):
     compiled = tiny_compiled(name)
     handwritten_module = importlib.import_module(PAIRS[name].handwritten)
-    handwritten = handwritten_module.Model(**SIZES, vectorised=vectorised)
+    handwritten = handwritten_module.Model(**SIZES, changes=changes)
     handwritten_module.copy_compiled_parameters(compiled, handwritten)
     x, mask = padded_batch([5, 3, 1, 4])
     annealing = 0.3
@@ -101,9 +101,9 @@ def test_copy_rejects_partial_alignment():
         copy_compiled_parameters(partial, HandwrittenArSSM(**SIZES))
 
 
-def test_unknown_vectorised_part_is_rejected():
-    with pytest.raises(ValueError, match="unknown vectorised parts"):
-        HandwrittenArSSM(**SIZES, vectorised=("transition",))
+def test_unknown_change_is_rejected():
+    with pytest.raises(ValueError, match="unknown changes"):
+        HandwrittenArSSM(**SIZES, changes=("transition",))
 
 
 def test_reverse_within_length_keeps_padding_in_place():
