@@ -83,6 +83,9 @@ class TrainConfig:
     :param int batch_size: sequences per mini-batch.
     :param float lr: Adam's learning rate at the start.
     :param float clip_norm: the largest norm of the gradient of all parameters together.
+    :param float weight_decay: decoupled weight decay (AdamW) per unit of learning
+        rate; 0 keeps plain Adam. A small data set such as JSB Chorales
+        overfits without it.
     :param int anneal_epochs: the epochs over which the annealing factor rises
         linearly from `min_anneal` to 1; 0 turns annealing off.
     :param float min_anneal: the annealing factor of the first mini-batch.
@@ -109,6 +112,7 @@ class TrainConfig:
     batch_size: int = 20
     lr: float = 3e-4
     clip_norm: float = 10.0
+    weight_decay: float = 0.0
     anneal_epochs: int = 100
     min_anneal: float = 0.2
     guide: str = "partial"
@@ -129,6 +133,9 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise TrainingError(f"invalid {name} {value!r}: it must be positive")
+        if not self.weight_decay >= 0:
+            raise TrainingError(f"invalid weight_decay {self.weight_decay!r}: "
+                                f"it must be 0 (none) or positive")
         if self.anneal_epochs < 0:
             raise TrainingError(f"invalid anneal_epochs {self.anneal_epochs!r}: "
                                 f"it must be 0 (no annealing) or positive")
@@ -502,6 +509,8 @@ class _Training:
                                             for row in rows))
 
     def _make_optimizer(self, lr: float):
+        if self.config.weight_decay:
+            return pyro.optim.AdamW({"lr": lr, "weight_decay": self.config.weight_decay})
         return pyro.optim.Adam({"lr": lr})
 
     def _svi_for(self, batch) -> ClippedSVI:

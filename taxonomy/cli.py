@@ -142,8 +142,8 @@ def _command_train(args: argparse.Namespace) -> int:
     from runtime.runs import train_spec
 
     options = {name: getattr(args, name) for name in (
-        "epochs", "batch_size", "lr", "clip_norm", "anneal_epochs", "min_anneal", "guide",
-        "iaf", "elbo", "seed", "device", "threads")}
+        "epochs", "batch_size", "lr", "clip_norm", "weight_decay", "anneal_epochs",
+        "min_anneal", "guide", "iaf", "elbo", "seed", "device", "threads")}
     options["resume"] = args.resume
     summary = train_spec(args.spec, args.dataset, args.out, options,
                          evaluate_test=not args.no_test)
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, help="sequences per mini-batch (default 20)")
     train.add_argument("--lr", type=float, help="Adam's learning rate (music 3e-4, speech 1e-3)")
     train.add_argument("--clip-norm", type=float, help="gradient-norm clipping (default 10)")
+    train.add_argument("--weight-decay", type=float,
+                       help="decoupled weight decay, AdamW (default 0: plain Adam)")
     train.add_argument("--anneal-epochs", type=int,
                        help="epochs over which the KL annealing factor reaches 1 (default 100)")
     train.add_argument("--min-anneal", type=float,

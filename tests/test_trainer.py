@@ -74,12 +74,32 @@ def test_default_config_rejects_unknown_family():
     ("lr", 0.0, "invalid lr"),
     ("min_anneal", 0.0, "invalid min_anneal"),
     ("device", "tpu", "unknown device 'tpu'"),
+    ("weight_decay", -0.1, "invalid weight_decay"),
 ])
 def test_invalid_option_raises_training_error(tmp_path, option, value, message):
     config = small_config(**{option: value})
 
     with pytest.raises(TrainingError, match=message):
         train(toy_model(), binary_dataset(), config, tmp_path / "run", progress=False)
+
+
+def parameter_norm() -> float:
+    return float(sum(value.detach().pow(2).sum() for _, value in
+                     pyro.get_param_store().named_parameters()) ** 0.5)
+
+
+def test_weight_decay_shrinks_parameters_and_is_recorded(tmp_path):
+    norms = {}
+    for weight_decay in (0.0, 5.0):
+        pyro.clear_param_store()
+        run_dir = tmp_path / f"decay-{weight_decay}"
+        train(toy_model(), binary_dataset(), small_config(weight_decay=weight_decay), run_dir,
+              progress=False)
+        norms[weight_decay] = parameter_norm()
+        assert json.loads((run_dir / "config.json").read_text())["weight_decay"] == weight_decay
+
+    # Decoupled decay multiplies every parameter by (1 - lr * decay) each step.
+    assert norms[5.0] < 0.9 * norms[0.0]
 
 
 def test_cuda_request_without_cuda_raises():
