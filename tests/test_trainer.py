@@ -88,7 +88,7 @@ def parameter_norm() -> float:
                      pyro.get_param_store().named_parameters()) ** 0.5)
 
 
-def test_weight_decay_shrinks_parameters_and_is_recorded(tmp_path):
+def test_weight_decay_shrinks_parameters(tmp_path):
     norms = {}
     for weight_decay in (0.0, 5.0):
         pyro.clear_param_store()
