@@ -6,6 +6,7 @@ import hashlib
 import keyword
 import linecache
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -113,6 +114,31 @@ def stale_modules(compiled: list[CompiledSpec]) -> list[tuple[Path, str]]:
         elif item.output.read_text(encoding="utf-8") != item.source:
             stale.append((item.output, f"differs from what {item.spec} compiles to"))
     return stale
+
+
+SOURCE_LINE = re.compile(r'"""[^\n]*, compiled by dssm from (?P<spec>.+)\.$')
+
+
+def orphan_modules(paths: list[str], output_dir: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Find compiled modules whose spec was deleted from one of the folders in `paths`.
+
+    A module names its spec on its first line, as the path given to `dssm
+    compile`. Only modules whose spec path lies in a folder of `paths` are
+    judged, so checking one spec never reports the modules of the others.
+    """
+    folders = [Path(name) for name in paths if Path(name).is_dir()]
+    orphans = []
+    for module in sorted(Path(output_dir).rglob("*.py")):
+        with module.open(encoding="utf-8", errors="replace") as file:
+            match = SOURCE_LINE.match(file.readline().rstrip("\n"))
+        if match is None:
+            continue
+        spec = Path(match["spec"])
+        inside = any(spec.is_relative_to(folder) for folder in folders)
+        if inside and not spec.exists():
+            orphans.append((module.resolve(), f"its spec {spec} no longer exists; "
+                                              f"delete the module or restore the spec"))
+    return orphans
 
 
 def load_module(spec_path: str | os.PathLike) -> types.ModuleType:

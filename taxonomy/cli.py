@@ -119,14 +119,14 @@ def _command_explore_new(args: argparse.Namespace) -> int:
 
 
 def _command_compile(args: argparse.Namespace) -> int:
-    from taxonomy.build import compile_specs, stale_modules, write_compiled
+    from taxonomy.build import compile_specs, orphan_modules, stale_modules, write_compiled
 
     compiled, errors = compile_specs(args.specs, args.output)
     for error in errors:
         _print_error(error)
 
     if args.check:
-        stale = stale_modules(compiled)
+        stale = stale_modules(compiled) + orphan_modules(args.specs, args.output)
         for path, reason in stale:
             print(f"{path}: {reason}", file=sys.stderr)
         if not stale and not errors:

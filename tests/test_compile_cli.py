@@ -97,6 +97,24 @@ def test_check_fails_on_a_missing_module(repo_copy, capsys):
     assert not (repo_copy / "generated" / "vrnn.py").exists()
 
 
+def test_check_reports_module_of_deleted_spec(repo_copy, capsys):
+    (repo_copy / "specs" / "cells" / "hmm.dssm").unlink()
+
+    code = main(["compile", "--check", "specs", "-o", "generated"])
+
+    assert code == 1
+    message = capsys.readouterr().err
+    assert "hmm.py: its spec specs/cells/hmm.dssm no longer exists" in message
+    assert (repo_copy / "generated" / "cells" / "hmm.py").exists()
+
+
+def test_check_of_one_spec_ignores_other_modules(repo_copy, capsys):
+    code = main(["compile", "--check", "specs/dmm.dssm", "-o", "generated"])
+
+    assert code == 0
+    assert "1 compiled modules are up to date" in capsys.readouterr().err
+
+
 def test_check_fails_after_a_spec_changes(repo_copy):
     spec = repo_copy / "specs" / "dmm.dssm"
     spec.write_text(spec.read_text(encoding="utf-8").replace("normal[100]", "normal[99]"),
