@@ -163,12 +163,13 @@ class GaussianHead(nn.Module):
 
     def __init__(self, input_dim: int, output_dim: int, hidden_dim: int):
         super().__init__()
+        self.dropout = nn.Dropout(0.0)
         self.hidden = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.ReLU())
         self.loc = nn.Linear(hidden_dim, output_dim)
         self.scale = nn.Linear(hidden_dim, output_dim)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.hidden(features)
+        hidden = self.hidden(self.dropout(features))
         return self.loc(hidden), F.softplus(self.scale(hidden)) + _MIN_SCALE
 
 
@@ -186,10 +187,11 @@ class Emission(nn.Module):
                              f"choose one of {', '.join(EMISSION_FAMILIES)}")
         self.family = family
         heads = 2 if family == "normal" else 1
+        self.dropout = nn.Dropout(0.0)
         self.net = MLP(input_dim, hidden_dim, heads * output_dim)
 
     def forward(self, features: torch.Tensor) -> dist.Distribution:
-        out = self.net(features)
+        out = self.net(self.dropout(features))
         if self.family == "bernoulli":
             return dist.Bernoulli(logits=out)
         if self.family == "normal":
@@ -204,6 +206,18 @@ class Emission(nn.Module):
 
     def sample(self, features: torch.Tensor) -> torch.Tensor:
         return self(features).sample()
+
+
+def set_dropout(model: nn.Module, rate: float) -> int:
+    """Set the rate of every nn.Dropout layer of `model` and return how many there are.
+
+    In a compiled model these act on the features entering the transition and
+    emission heads. They are identities at rate 0 and in evaluation mode.
+    """
+    layers = [module for module in model.modules() if isinstance(module, nn.Dropout)]
+    for layer in layers:
+        layer.p = rate
+    return len(layers)
 
 
 class Recurrent(nn.Module):

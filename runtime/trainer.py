@@ -34,6 +34,7 @@ from pyro.infer import (SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO,
 from pyro.infer.util import zero_grads
 from tqdm import tqdm
 
+from runtime.blocks import set_dropout
 from runtime.checkpoint import (CheckpointError, capture_parameters, capture_rng_states,
                                 copy_optimizer_state, initialize_parameters,
                                 load_checkpoint, restore_parameters, restore_rng_states,
@@ -86,6 +87,8 @@ class TrainConfig:
     :param float weight_decay: decoupled weight decay (AdamW) per unit of learning
         rate; 0 keeps plain Adam. A small data set such as JSB Chorales
         overfits without it.
+    :param float dropout: the dropout rate on the features entering the
+        transition and emission heads during training, in [0, 1).
     :param int anneal_epochs: the epochs over which the annealing factor rises
         linearly from `min_anneal` to 1; 0 turns annealing off.
     :param float min_anneal: the annealing factor of the first mini-batch.
@@ -113,6 +116,7 @@ class TrainConfig:
     lr: float = 3e-4
     clip_norm: float = 10.0
     weight_decay: float = 0.0
+    dropout: float = 0.0
     anneal_epochs: int = 100
     min_anneal: float = 0.2
     guide: str = "partial"
@@ -136,6 +140,8 @@ class TrainConfig:
         if not self.weight_decay >= 0:
             raise TrainingError(f"invalid weight_decay {self.weight_decay!r}: "
                                 f"it must be 0 (none) or positive")
+        if not 0 <= self.dropout < 1:
+            raise TrainingError(f"invalid dropout {self.dropout!r}: it must be in [0, 1)")
         if self.anneal_epochs < 0:
             raise TrainingError(f"invalid anneal_epochs {self.anneal_epochs!r}: "
                                 f"it must be 0 (no annealing) or positive")
@@ -413,6 +419,10 @@ class _Training:
             self._resume()
         else:
             self._start()
+        layers = set_dropout(self.model, config.dropout)
+        if config.dropout and not layers:
+            self._log(f"warning: dropout {config.dropout} has no effect, because the model "
+                      f"has no dropout layers", level=logging.WARNING)
 
         self.session_started = time.perf_counter()
         self.previous_wall_seconds = self.wall_seconds

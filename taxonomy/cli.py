@@ -142,7 +142,7 @@ def _command_train(args: argparse.Namespace) -> int:
     from runtime.runs import train_spec
 
     options = {name: getattr(args, name) for name in (
-        "epochs", "batch_size", "lr", "clip_norm", "weight_decay", "anneal_epochs",
+        "epochs", "batch_size", "lr", "clip_norm", "weight_decay", "dropout", "anneal_epochs",
         "min_anneal", "guide", "iaf", "elbo", "seed", "device", "threads")}
     options["resume"] = args.resume
     summary = train_spec(args.spec, args.dataset, args.out, options,
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--clip-norm", type=float, help="gradient-norm clipping (default 10)")
     train.add_argument("--weight-decay", type=float,
                        help="decoupled weight decay, AdamW (default 0: plain Adam)")
+    train.add_argument("--dropout", type=float,
+                       help="dropout rate on the inputs of the transition and emission "
+                            "networks during training (default 0)")
     train.add_argument("--anneal-epochs", type=int,
                        help="epochs over which the KL annealing factor reaches 1 (default 100)")
     train.add_argument("--min-anneal", type=float,

@@ -189,3 +189,26 @@ def test_model_copies_after_a_guide_draw():
     copied = copy.deepcopy(model)
 
     assert copied._guide_states.take(blocks.zero_padding(x, mask)) is None
+
+
+def test_set_dropout_acts_only_in_training():
+    model = build_model("specs/arssm.dssm", **SMALL)
+    keys = set(model.state_dict())
+    features = torch.randn(4, 200 + 200)
+
+    assert blocks.set_dropout(model, 0.5) == 2
+    assert set(model.state_dict()) == keys
+    model.eval()
+    first = model.emission(features).logits
+    assert torch.equal(first, model.emission(features).logits)
+    model.train()
+    assert not torch.equal(first, model.emission(features).logits)
+
+
+def test_dropout_off_by_default():
+    model = build_model("specs/arssm.dssm", **SMALL)
+    features = torch.randn(4, 200 + 200)
+
+    assert torch.equal(model.emission(features).logits, model.emission(features).logits)
+    loc, _ = model.transition(features[:, :200])
+    assert torch.equal(loc, model.transition(features[:, :200])[0])

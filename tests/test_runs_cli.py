@@ -34,7 +34,8 @@ def trained_run(tmp_path_factory):
     spec.write_text(TINY_ARSSM)
     run = folder / "tiny-jsb"
     status = main(["train", str(spec), "--dataset", "jsb", "--out", str(run), "--epochs", "1",
-                   "--batch-size", "64", "--weight-decay", "0.01", "--threads", "1"])
+                   "--batch-size", "64", "--weight-decay", "0.01", "--dropout", "0.1",
+                   "--threads", "1"])
     assert status == 0
     return run
 
@@ -45,7 +46,9 @@ def test_train_writes_run_and_test_figure(trained_run, capsys):
     assert summary["epochs"] == 1
     assert summary["test_neg_elbo_per_step"] > 0
     assert (trained_run / "spec.dssm").is_file()
-    assert json.loads((trained_run / "config.json").read_text())["weight_decay"] == 0.01
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["weight_decay"] == 0.01
+    assert config["dropout"] == 0.1
     assert len((trained_run / "metrics.jsonl").read_text().splitlines()) == 1
 
 

@@ -75,6 +75,7 @@ def test_default_config_rejects_unknown_family():
     ("min_anneal", 0.0, "invalid min_anneal"),
     ("device", "tpu", "unknown device 'tpu'"),
     ("weight_decay", -0.1, "invalid weight_decay"),
+    ("dropout", 1.0, "invalid dropout"),
 ])
 def test_invalid_option_raises_training_error(tmp_path, option, value, message):
     config = small_config(**{option: value})
@@ -100,6 +101,15 @@ def test_weight_decay_shrinks_parameters(tmp_path):
 
     # Decoupled decay multiplies every parameter by (1 - lr * decay) each step.
     assert norms[5.0] < 0.9 * norms[0.0]
+
+
+def test_dropout_without_dropout_layers_warns(tmp_path):
+    run_dir = tmp_path / "run"
+    train(toy_model(), binary_dataset(), small_config(epochs=1, dropout=0.3), run_dir,
+          progress=False)
+
+    assert "dropout 0.3 has no effect" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "config.json").read_text())["dropout"] == 0.3
 
 
 def test_cuda_request_without_cuda_raises():
