@@ -63,7 +63,8 @@ HIERARCHY_PICTURES = ("hierarchy.svg", "hierarchy.png")
 SCORE_LABEL = "test negative ELBO per step (nats), best mean"
 # Training options that must match when a sweep resumes: changing them would
 # mix runs trained differently in one leaderboard.
-FIXED_OPTIONS = ("dataset", "epochs", "batch_size", "lr", "anneal_epochs")
+FIXED_OPTIONS = ("dataset", "epochs", "batch_size", "lr", "weight_decay", "dropout",
+                 "anneal_epochs")
 # The spec language's alignment when a spec has no `guide` statement.
 LANGUAGE_GUIDE = "full"
 RAY_INSTALL_HINT = "pip install 'dssm[ray]'"

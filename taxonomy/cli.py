@@ -203,6 +203,7 @@ def _command_sweep(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     options = {"batch_size": args.batch_size, "lr": args.lr,
+               "weight_decay": args.weight_decay, "dropout": args.dropout,
                "anneal_epochs": args.anneal_epochs, "device": args.device,
                "threads": args.threads}
     result = run_sweep(args.specs, args.dataset, args.out, epochs=args.epochs, seeds=args.seeds,
@@ -376,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, metavar="DIR", help="the sweep folder")
     sweep.add_argument("--batch-size", type=int, help="sequences per mini-batch (default 20)")
     sweep.add_argument("--lr", type=float, help="Adam's learning rate (music 3e-4, speech 1e-3)")
+    sweep.add_argument("--weight-decay", type=float,
+                       help="decoupled weight decay, AdamW (default 0: plain Adam)")
+    sweep.add_argument("--dropout", type=float,
+                       help="dropout rate on the inputs of the transition and emission "
+                            "networks during training (default 0)")
     sweep.add_argument("--anneal-epochs", type=int,
                        help="epochs over which the KL annealing factor reaches 1 (default 100)")
     sweep.add_argument("--device", help="cpu, cuda or auto (default auto)")

@@ -191,6 +191,15 @@ def test_resume_rejects_changed_epochs(specs):
         sweep_tiny(specs[:1], seeds=1, epochs=2)
 
 
+def test_resume_rejects_changed_dropout(specs):
+    sweep_tiny(specs[:1], seeds=1, options={"batch_size": 5, "dropout": 0.2})
+    config = json.loads(Path("sweep/runs/tiny_hmm-full-iaf0-seed0/config.json").read_text())
+    assert config["dropout"] == 0.2
+
+    with pytest.raises(SweepError, match="dropout 0.2 \\(now None\\)"):
+        sweep_tiny(specs[:1], seeds=1)
+
+
 # --- failures -----------------------------------------------------------------------------------
 
 
