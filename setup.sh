@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up dssm on a fresh machine: Graphviz's `dot` (where a package manager
-# and the rights for it exist), the CPU build of torch, then the package
-# itself in editable mode with its test and speech extras.
+# and the rights for it exist), torch 2.13.0 (the CPU build where pip is
+# configured with it, see README.md), then the package itself in editable
+# mode with its test and speech extras.
 set -euo pipefail
 cd "$(dirname "$0")"
 

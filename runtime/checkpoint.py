@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,21 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str) -> dict
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        with warnings.catch_warnings():
+            # A damaged file can start like a pickle of another protocol, and
+            # torch then warns about the protocol before the error below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as error:
+        # torch's own message for a rejected pickle is advice about weights_only,
+        # which does not apply to a damaged file.
+        if isinstance(error, pickle.UnpicklingError):
+            reason = "unreadable pickle data"
+        else:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or is not a "
+                              f"dssm checkpoint ({reason}); restore it from a copy or train "
+                              f"the run again") from error
 
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else None

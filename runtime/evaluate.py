@@ -222,10 +222,13 @@ def _read_config(run_dir: Path) -> TrainConfig:
 
 def _load_best_parameters(model, run_dir: Path, split_data, device: torch.device) -> None:
     path = run_dir / BEST_CHECKPOINT
+    if not path.is_file():
+        raise EvaluationError(f"checkpoint {path} not found; train the run for at least one "
+                              f"epoch first")
     try:
         checkpoint = load_checkpoint(path, device)
     except CheckpointError as error:
-        raise EvaluationError(f"{error}; train the run for at least one epoch first") from error
+        raise EvaluationError(str(error)) from error
 
     pyro.clear_param_store()
     first = next(iter(split_data.batches(1))).to(device)

@@ -17,8 +17,8 @@ import torch
 
 from runtime.data import load_dataset
 from runtime.evaluate import EvaluationError, _load_best_parameters, _read_config, evaluate_run
-from runtime.trainer import TrainConfig, TrainingError, default_config, resolve_device, \
-    train, update_summary
+from runtime.trainer import (LAST_CHECKPOINT, TrainConfig, TrainingError, default_config,
+                             resolve_device, train, update_summary)
 
 log = logging.getLogger("dssm.runs")
 
@@ -90,9 +90,13 @@ def train_spec(spec: str, dataset: str, run_dir: str, options: dict, evaluate_te
     factory = model_factory(spec_source, data.family)
 
     if not resume:
-        if (run / "config.json").exists():
-            raise TrainingError(f"{run} already holds a run; pass --resume to continue it "
+        if (run / LAST_CHECKPOINT).exists():
+            raise TrainingError(f"{run} already contains a run; pass --resume to continue it "
                                 "or choose another --out")
+        if (run / "config.json").exists():
+            raise TrainingError(f"{run} contains a run that finished no epoch "
+                                f"({LAST_CHECKPOINT} is missing); remove the folder or "
+                                f"choose another --out")
         run.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(spec, spec_copy)
 

@@ -381,8 +381,10 @@ def run_sweep(specs: list[str], dataset: str, output: str, *, epochs: int,
 
     failed = []
     if tasks:
-        _report(report, f"training {len(tasks)} runs with {workers} "
-                        f"{'worker' if workers == 1 else 'workers'} ({engine})")
+        runs_word = "run" if len(tasks) == 1 else "runs"
+        workers_word = "worker" if workers == 1 else "workers"
+        _report(report, f"training {len(tasks)} {runs_word} with {workers} {workers_word} "
+                        f"({engine})")
         outcomes = (execute_ray(tasks, workers, address) if engine == "ray"
                     else execute_local(tasks, workers))
         for count, (run, outcome) in enumerate(outcomes, start=1):

@@ -452,8 +452,9 @@ class _Training:
     def _resume(self) -> None:
         path = self.run_dir / LAST_CHECKPOINT
         if not path.exists():
-            raise TrainingError(f"cannot resume: {path} not found; train without --resume "
-                                f"to start the run")
+            raise TrainingError(f"cannot resume: {path} not found, so no epoch of this run "
+                                f"finished; remove {self.run_dir} and train without --resume, "
+                                f"or choose another --out")
         try:
             checkpoint = load_checkpoint(path, self.device)
         except CheckpointError as error:

@@ -442,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = {"train": "; pass --resume to continue from the last finished epoch",
+                "sweep": "; run the same command again to resume the sweep"}
+        print(f"interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -1,6 +1,7 @@
 """The run commands end to end: train, eval, sample and report on a tiny model."""
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -85,8 +86,46 @@ def test_report_tables_the_run(trained_run, tmp_path, capsys):
     assert (tmp_path / "report" / "training_curves.png").is_file()
 
 
+@needs_music
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
+def test_eval_of_damaged_checkpoint_is_clear(trained_run, tmp_path, capsys, content):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    (copy / "checkpoint-best.pt").write_bytes(content)
+
+    assert main(["eval", str(copy)]) == 1
+    error = capsys.readouterr().err
+    assert "checkpoint-best.pt: the file is damaged" in error
+    assert "train the run for at least one epoch" not in error
+    assert "weights_only" not in error
+    assert "Traceback" not in error
+
+
+@needs_music
+def test_train_into_folder_without_checkpoint_is_clear(trained_run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    (copy / "checkpoint-last.pt").unlink()
+
+    assert main(["train", str(copy / "spec.dssm"), "--dataset", "jsb", "--out", str(copy),
+                 "--epochs", "1"]) == 1
+    error = capsys.readouterr().err
+    assert "finished no epoch" in error
+    assert "remove the folder or choose another --out" in error
+
+
 def test_eval_of_missing_run_is_clear(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nowhere")]) == 1
     error = capsys.readouterr().err
     assert "not found" in error
     assert "Traceback" not in error
+
+
+def test_interrupted_train_says_how_to_resume(monkeypatch, capsys):
+    def interrupted(*arguments, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("runtime.runs.train_spec", interrupted)
+
+    assert main(["train", "specs/arssm.dssm", "--dataset", "jsb", "--out", "nowhere"]) == 130
+    assert "interrupted; pass --resume" in capsys.readouterr().err

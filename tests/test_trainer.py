@@ -192,9 +192,20 @@ def test_second_run_in_same_directory_without_resume_raises(tmp_path):
 
 
 def test_resume_without_checkpoint_raises(tmp_path):
-    with pytest.raises(TrainingError, match="cannot resume"):
+    with pytest.raises(TrainingError, match="cannot resume: .* not found, so no epoch"):
         train(toy_model(), binary_dataset(), small_config(resume=True), tmp_path / "run",
               progress=False)
+
+
+def test_resume_from_garbage_checkpoint_raises(tmp_path):
+    run_dir = tmp_path / "run"
+    train(toy_model(), binary_dataset(), small_config(epochs=1), run_dir, progress=False)
+    (run_dir / "checkpoint-last.pt").write_bytes(b"\x80\x04garbage")
+
+    with pytest.raises(TrainingError, match="the file is damaged") as raised:
+        train(toy_model(), binary_dataset(), small_config(epochs=2, resume=True), run_dir,
+              progress=False)
+    assert "weights_only" not in str(raised.value)
 
 
 class Killed(Exception):
