@@ -139,8 +139,12 @@ def _format_cell(value: Any) -> str:
 
 def _markdown_table(runs: list[_Run], columns: list[str]) -> str:
     header = ["run", *columns]
+    # Numbers align right and text (run, dataset, spec, ...) aligns left.
+    numeric = {column for column in columns
+               if any(isinstance(run.summary.get(column), (int, float))
+                      and not isinstance(run.summary.get(column), bool) for run in runs)}
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if column == "run" else "---:" for column in header) + "|"]
+             "|" + "|".join("---:" if column in numeric else "---" for column in header) + "|"]
     for run in runs:
         cells = [run.label, *(_format_cell(run.summary.get(column)) for column in columns)]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")

@@ -29,7 +29,7 @@ def two_run_report(tmp_path_factory):
     dmm = write_run(root / "dmm", [9.0, 8.0, 7.5, 7.2],
                     {"run": "dmm", "epochs": 4, "best_epoch": 4,
                      "best_valid_neg_elbo_per_step": 7.2, "test_neg_elbo_per_step": 7.123456,
-                     "seed": 0})
+                     "seed": 0, "dataset": "jsb"})
     vrnn = write_run(root / "vrnn", [8.5, None, 7.0],
                      {"run": "vrnn", "epochs": 3, "best_epoch": 3,
                       "best_valid_neg_elbo_per_step": 7.0, "seed": 1, "failures": 1})
@@ -60,6 +60,9 @@ def test_report_markdown_table_rounds_floats(two_run_report):
 
     assert lines[0].startswith("| run | epochs | best_epoch | best_valid_neg_elbo_per_step |")
     assert lines[1].startswith("|---|---:|")
+    header = lines[0].strip("|").split("|")
+    alignments = lines[1].strip("|").split("|")
+    assert alignments[[name.strip() for name in header].index("dataset")] == "---"
     assert len(lines) == 4
     assert "| dmm | 4 | 4 | 7.2000 | 7.1235 |" in lines[2]
 
