@@ -124,7 +124,7 @@ def orphan_modules(paths: list[str], output_dir: str | os.PathLike) -> list[tupl
 
     A module names its spec on its first line, as the path given to `dssm
     compile`. Only modules whose spec path lies in a folder of `paths` are
-    judged, so checking one spec never reports the modules of the others.
+    checked, so checking one spec never reports the modules of the others.
     """
     folders = [Path(name) for name in paths if Path(name).is_dir()]
     orphans = []
