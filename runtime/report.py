@@ -92,9 +92,25 @@ def _read_runs(run_dirs: list[Path]) -> list[_Run]:
     return runs
 
 
+# A panel whose values span more than this factor gets a log axis.
+LOG_SCALE_RATIO = 3.0
+
+
+def needs_log_axis(values: list[float | None]) -> bool:
+    """Return whether a panel of losses reads better on a log axis.
+
+    The first epochs' losses can be many times the later ones, and a log axis
+    keeps the differences between late epochs visible. Missing and
+    non-finite values are ignored, and a panel with a value at or below 0
+    keeps a linear axis.
+    """
+    finite = [value for value in values if value is not None and math.isfinite(value)]
+    return bool(finite) and min(finite) > 0 and max(finite) > LOG_SCALE_RATIO * min(finite)
+
+
 def _plot_curves(runs: list[_Run], path: Path) -> None:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator
 
     figure = Figure(figsize=(11.0, 4.2), dpi=100, layout="constrained")
     train_axes, valid_axes = figure.subplots(1, 2, sharex=True)
@@ -110,11 +126,17 @@ def _plot_curves(runs: list[_Run], path: Path) -> None:
             axes.plot(epochs, values, color=color, label=run.label,
                       marker="." if len(epochs) < 30 else None)
 
-    for axes, _, title in panels:
+    for axes, key, title in panels:
         axes.set_title(title)
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("nats per step")
+        values = [row.get(key) for run in runs for row in run.metrics]
+        if needs_log_axis(values):
+            axes.set_yscale("log")
+            axes.yaxis.set_minor_locator(LogLocator(subs=(1.5, 2, 3, 4, 5, 6, 7, 8, 9)))
+            axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            axes.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         axes.grid(alpha=0.3)
     valid_axes.legend(fontsize="small")
 

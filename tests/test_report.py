@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 
 import matplotlib.image
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from support.sequences import binary_dataset
 from support.toy_dssm import ToyDMM
 
-from runtime.report import ReportError, report
+from runtime.report import ReportError, needs_log_axis, report
 from runtime.trainer import default_config, train
 
 
@@ -107,3 +108,15 @@ def test_report_reads_trained_run(tmp_path):
     assert rows[0]["run"] == "toy"
     assert rows[0]["epochs"] == "2"
     assert float(rows[0]["best_valid_neg_elbo_per_step"]) > 0
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([50.0, 12.0, 7.4], True),
+    ([9.0, 8.0, 7.5], False),
+    ([50.0, None, math.nan, 7.0], True),
+    ([40.0, 2.0, -1.0], False),
+    ([None], False),
+])
+def test_log_axis_only_for_wide_positive_ranges(values, expected):
+    assert needs_log_axis(values) is expected
+
