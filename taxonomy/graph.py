@@ -31,7 +31,9 @@ DEFAULT_SIZES = {
     "rnn": 200,        # width of the RNN states of the canonical realisation
     "inference": 600,  # width of the guide's RNN over the observations
 }
-DEFAULT_FLOW = (3, 20)  # IAF layers and hidden width when `flow iaf` gives no sizes
+# IAF layers and hidden width when `flow iaf` gives no sizes; the width is
+# raised to the latent dimension when that is larger.
+DEFAULT_FLOW = (3, 20)
 RESERVED = set(KEYWORDS) | {"t", "all"}
 # Names the generated module uses itself: imports, its classes, method
 # arguments and loop variables. A spec variable with one of them would shadow it.
@@ -352,15 +354,17 @@ def _apply_settings(model: ModelGraph) -> None:
                 raise model.error(f"unknown flow '{setting.name}'", setting.name_span,
                                   hint=did_you_mean(setting.name, FLOWS)
                                   or "write `flow iaf[LAYERS, WIDTH]`")
+            latent_dims = [data["dim"] for _, data in model.graph.nodes(data=True)
+                           if data["kind"] == "latent"]
             if not setting.values:
-                model.flow = DEFAULT_FLOW
+                # Each autoregressive layer needs a hidden width of at least the
+                # latent dimension, so the default width grows with it.
+                model.flow = (DEFAULT_FLOW[0], max([DEFAULT_FLOW[1], *latent_dims]))
                 continue
             if len(setting.values) != 2 or min(setting.values) < 1:
                 raise model.error("`flow iaf` takes two positive integers: layers and hidden "
                                   "width", setting.span, hint="e.g. `flow iaf[3, 20]`")
             model.flow = (setting.values[0], setting.values[1])
-            latent_dims = [data["dim"] for _, data in model.graph.nodes(data=True)
-                           if data["kind"] == "latent"]
             if latent_dims and model.flow[1] < max(latent_dims):
                 raise model.error(
                     f"the IAF's hidden width {model.flow[1]} is below the latent dimension "

@@ -4,7 +4,10 @@ import os
 import stat
 
 import pytest
+import torch
+from pyro import poutine
 
+from taxonomy.build import build_model
 from taxonomy.cli import main
 from taxonomy.errors import SpecError
 from taxonomy.hierarchy import check_text
@@ -52,6 +55,19 @@ def test_iaf_narrower_than_latent_is_rejected():
 
 def test_iaf_as_wide_as_latent_is_accepted():
     assert check_text(spec_with() + "flow iaf[3, 4]\n").model.flow == (3, 4)
+
+
+def test_bare_iaf_widens_to_wide_latent(tmp_path):
+    wide = spec_with().replace("normal[4]", "normal[40]") + "flow iaf\n"
+    assert check_text(wide).model.flow == (3, 40)
+
+    spec = tmp_path / "wide.dssm"
+    spec.write_text(wide)
+    model = build_model(spec, x_dim=3)
+    x = torch.ones(2, 5, 3)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    trace = poutine.trace(model.guide).get_trace(x, mask)
+    assert trace.nodes["z"]["value"].shape[-1] == 40
 
 
 def test_cycle_points_at_same_step_reference(tmp_path, capsys):
