@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -435,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     except DssmError as error:
         _print_error(error)
         return 1
+    except BrokenPipeError:
+        # The reader stopped early, as `| head` does. Pointing stdout at devnull
+        # keeps the interpreter's final flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:
         # Output paths are user input too: a folder where a file should go,
         # a file where a folder should go, a read-only location.
@@ -446,8 +452,6 @@ def main(argv: list[str] | None = None) -> int:
                 "sweep": "; run the same command again to resume the sweep"}
         print(f"interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

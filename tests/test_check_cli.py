@@ -527,3 +527,17 @@ def test_explore_new_output_over_file_fails(capsys, tmp_path):
 
     assert code == 1
     assert f"cannot create the folder {blocker}" in err
+
+
+def test_output_cut_short_by_reader_exits_cleanly():
+    # 205 kB of cells: more than a pipe buffers, so writing goes on after
+    # the reader has closed its end.
+    command = [sys.executable, "-m", "taxonomy.cli", "explore", "list", "--max-order", "6"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=REPO)
+    assert process.stdout.readline().startswith(b"cell")
+    process.stdout.close()
+    _, error = process.communicate(timeout=60)
+
+    assert process.returncode == 0
+    assert error.decode() == ""
