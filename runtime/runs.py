@@ -19,11 +19,11 @@ from runtime.data import load_dataset
 from runtime.evaluate import EvaluationError, _load_best_parameters, _read_config, evaluate_run
 from runtime.trainer import (LAST_CHECKPOINT, TrainConfig, TrainingError, default_config,
                              resolve_device, train, update_summary)
+from taxonomy.graph import default_flow_width
 
 log = logging.getLogger("dssm.runs")
 
 RUN_SPEC = "spec.dssm"
-DEFAULT_IAF_WIDTH = 20
 # Emission families that fit each kind of data; the first is the default.
 FAMILIES_FOR_DATA = {"bernoulli": ("bernoulli",), "exponential": ("exponential", "normal")}
 
@@ -47,8 +47,7 @@ def model_factory(spec_path: str | Path, data_family: str):
     def build(config: TrainConfig, x_dim: int):
         defaults = inspect.signature(module.Model).parameters
         spec_family, spec_flow = defaults["x_family"].default, defaults["flow"].default
-        # An autoregressive layer needs a hidden width of at least the latent dimension.
-        width = spec_flow[1] if spec_flow else max(DEFAULT_IAF_WIDTH, defaults["z_dim"].default)
+        width = spec_flow[1] if spec_flow else default_flow_width(defaults["z_dim"].default)
         return module.Model(x_dim=x_dim, x_family=emission_family(spec_family, data_family),
                             guide=config.guide, flow=(config.iaf, width) if config.iaf else None)
 

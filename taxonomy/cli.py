@@ -11,6 +11,11 @@ from pathlib import Path
 
 from taxonomy.errors import DssmError, SpecError
 
+# Help for the regularisation options that `train` and `sweep` share.
+WEIGHT_DECAY_HELP = "decoupled weight decay, AdamW (default 0: plain Adam)"
+DROPOUT_HELP = ("dropout rate on the inputs of the transition and emission networks during "
+                "training (default 0)")
+
 log = logging.getLogger("dssm")
 
 
@@ -289,10 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="Adam's learning rate (music 3e-4, speech 1e-3)")
     train.add_argument("--clip-norm", type=float, help="gradient-norm clipping (default 10)")
     train.add_argument("--weight-decay", type=float,
-                       help="decoupled weight decay, AdamW (default 0: plain Adam)")
+                       help=WEIGHT_DECAY_HELP)
     train.add_argument("--dropout", type=float,
-                       help="dropout rate on the inputs of the transition and emission "
-                            "networks during training (default 0)")
+                       help=DROPOUT_HELP)
     train.add_argument("--anneal-epochs", type=int,
                        help="epochs over which the KL annealing factor reaches 1 (default 100)")
     train.add_argument("--min-anneal", type=float,
@@ -379,10 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--batch-size", type=int, help="sequences per mini-batch (default 20)")
     sweep.add_argument("--lr", type=float, help="Adam's learning rate (music 3e-4, speech 1e-3)")
     sweep.add_argument("--weight-decay", type=float,
-                       help="decoupled weight decay, AdamW (default 0: plain Adam)")
+                       help=WEIGHT_DECAY_HELP)
     sweep.add_argument("--dropout", type=float,
-                       help="dropout rate on the inputs of the transition and emission "
-                            "networks during training (default 0)")
+                       help=DROPOUT_HELP)
     sweep.add_argument("--anneal-epochs", type=int,
                        help="epochs over which the KL annealing factor reaches 1 (default 100)")
     sweep.add_argument("--device", help="cpu, cuda or auto (default auto)")

@@ -31,9 +31,16 @@ DEFAULT_SIZES = {
     "rnn": 200,        # width of the RNN states of the canonical realisation
     "inference": 600,  # width of the guide's RNN over the observations
 }
-# IAF layers and hidden width when `flow iaf` gives no sizes; the width is
-# raised to the latent dimension when that is larger.
+# IAF layers and hidden width when `flow iaf` gives no sizes; see default_flow_width.
 DEFAULT_FLOW = (3, 20)
+
+
+def default_flow_width(latent_dim: int) -> int:
+    """Return the IAF hidden width used when none is given: 20, or the latent dimension if larger.
+
+    Each autoregressive layer needs a hidden width of at least the latent dimension.
+    """
+    return max(DEFAULT_FLOW[1], latent_dim)
 RESERVED = set(KEYWORDS) | {"t", "all"}
 # Names the generated module uses itself: imports, its classes, method
 # arguments and loop variables. A spec variable with one of them would shadow it.
@@ -357,9 +364,7 @@ def _apply_settings(model: ModelGraph) -> None:
             latent_dims = [data["dim"] for _, data in model.graph.nodes(data=True)
                            if data["kind"] == "latent"]
             if not setting.values:
-                # Each autoregressive layer needs a hidden width of at least the
-                # latent dimension, so the default width grows with it.
-                model.flow = (DEFAULT_FLOW[0], max([DEFAULT_FLOW[1], *latent_dims]))
+                model.flow = (DEFAULT_FLOW[0], default_flow_width(max(latent_dims, default=0)))
                 continue
             if len(setting.values) != 2 or min(setting.values) < 1:
                 raise model.error("`flow iaf` takes two positive integers: layers and hidden "

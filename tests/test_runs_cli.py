@@ -102,7 +102,7 @@ def test_eval_of_damaged_checkpoint_is_clear(trained_run, tmp_path, capsys, cont
 
 
 @needs_music
-def test_train_into_folder_without_checkpoint_is_clear(trained_run, tmp_path, capsys):
+def test_train_over_unfinished_run_is_clear(trained_run, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(trained_run, copy)
     (copy / "checkpoint-last.pt").unlink()
