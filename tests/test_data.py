@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _music_dir() -> Path:
-    # CI sets DSSM_DATA_DIR relative to the repository root.
+    # CI sets DSSM_DATA_DIR relative to the repository root. The data layer
+    # resolves links, so this path is resolved too and the two compare equal.
     configured = os.environ.get("DSSM_DATA_DIR")
     folder = Path(configured) if configured else Path("../shared/data/music")
-    return folder if folder.is_absolute() else (REPO / folder).resolve()
+    return (REPO / folder).resolve()
 
 
 MUSIC_DIR = _music_dir()
